@@ -1,0 +1,44 @@
+"""torch.distributed helpers that every method shares (no-ops in a single process)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """All-gather `[n, ...]` from every process into `[world * n, ...]`, rank order, keeping gradients.
+
+    The backward (torch.distributed.nn's all_gather) sums every rank's gradient of its own copy
+    of the loss and returns each rank its slice: with every rank computing the same loss on the
+    gathered batch, that is `world x dL/dx_local`, which DDP's averaging turns back into the
+    single-process gradient. So a loss on gathered tensors needs no `x world_size` factor (the
+    EquiMod authors need one because their gather carries gradient only for the local part).
+    """
+    if not is_distributed() or world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+@torch.no_grad()
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """All-gather without gradient (queues, monitors)."""
+    if not is_distributed() or world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)

@@ -1,0 +1,222 @@
+"""The model registry: one row of data per model, as timm's `pretrained_cfg`.
+
+A name is `{method}-{arch}.{tag}` (`wmse-resnet18_narrow.fmnist`). The hand-written part of a row
+(method, arch, tag, preprocessing, recipe, paper) lives in `_ROWS` below; what only a training run
+can tell (sha256 of the weights, measured metrics, training minutes) lives in `zoo/pretrained.json`,
+which `zoo export` writes. A row without weights is listed, not hidden: `has_weights` says so.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from zoo.backbones import ARCHS
+from zoo.errors import UnknownNameError, WeightsNotAvailableError, closest
+
+log = logging.getLogger("zoo")
+
+PRETRAINED_JSON = Path(__file__).with_name("pretrained.json")
+HUB_ORG = "ssl-zoo"
+
+# Default-tag preference order, as the papers report them (ImageNet first).
+TAG_ORDER = ["in1k", "in100", "c10", "c100", "stl10", "tin", "fmnist"]
+
+# Evaluation preprocessing per pretraining dataset: (input size, resize size, mean, std, interpolation).
+_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+_DATA: dict[str, dict[str, Any]] = {
+    "in1k": dict(dataset="imagenet-1k", input_size=224, resize_size=256, mean=_IMAGENET[0], std=_IMAGENET[1],
+                 interpolation="bicubic"),
+    "in100": dict(dataset="imagenet-100", input_size=224, resize_size=256, mean=_IMAGENET[0], std=_IMAGENET[1],
+                  interpolation="bicubic"),
+    "c10": dict(dataset="cifar10", input_size=32, resize_size=32, mean=(0.4914, 0.4822, 0.4465),
+                std=(0.247, 0.243, 0.261), interpolation="bicubic"),
+    "c100": dict(dataset="cifar100", input_size=32, resize_size=32, mean=(0.5071, 0.4867, 0.4408),
+                 std=(0.2675, 0.2565, 0.2761), interpolation="bicubic"),
+    "stl10": dict(dataset="stl10", input_size=64, resize_size=70, mean=(0.43, 0.42, 0.39), std=(0.27, 0.26, 0.27),
+                  interpolation="bicubic"),
+    "tin": dict(dataset="tiny-imagenet", input_size=64, resize_size=64, mean=(0.480, 0.448, 0.398),
+                std=(0.277, 0.269, 0.282), interpolation="bicubic"),
+    # Fashion-MNIST: grayscale repeated to 3 channels, so the one mean/std is repeated too.
+    "fmnist": dict(dataset="fashion_mnist", input_size=28, resize_size=28, mean=(0.2860,) * 3,
+                   std=(0.3530,) * 3, interpolation="bilinear"),
+}
+
+PAPERS = {
+    "wmse": "Ermolov et al., Whitening for Self-Supervised Representation Learning, ICML 2021 (arXiv:2007.06346)",
+    "msbreg": "Moon et al., An Embedding-Dynamic Approach to Self-supervised Learning, 2022 (arXiv:2207.03552); "
+              "no code or formulas were published: ssl-zoo's MSBReg is a documented reconstruction",
+    "equimod-simclr": "Devillers & Lefort, EquiMod: An Equivariance Module to Improve Visual Instance "
+                      "Discrimination, ICLR 2023 (arXiv:2211.01244), on SimCLR",
+    "equimod-byol": "Devillers & Lefort, EquiMod: An Equivariance Module to Improve Visual Instance "
+                    "Discrimination, ICLR 2023 (arXiv:2211.01244), on BYOL",
+    "isd": "Tejankar et al., ISD: Self-Supervised Learning by Iterative Similarity Distillation, ICCV 2021 "
+           "(arXiv:2012.09259)",
+    "groco": "Shvetsova et al., Learning by Sorting: Self-supervised Learning with Group Ordering Constraints, "
+             "ICCV 2023 (arXiv:2301.02009)",
+    "simclr": "Chen et al., A Simple Framework for Contrastive Learning of Visual Representations, ICML 2020 "
+              "(arXiv:2002.05709)",
+    "byol": "Grill et al., Bootstrap Your Own Latent, NeurIPS 2020 (arXiv:2006.07733)",
+}
+METHODS = list(PAPERS)
+
+# (method, arch, tag) for every model of the mission, on the archs and datasets its paper used,
+# plus the CPU arch on Fashion-MNIST for all of them (the weights made on these machines).
+_ROWS: list[tuple[str, str, str]] = [
+    *[(m, "resnet18_narrow", "fmnist") for m in METHODS],  # first: `<method>/fmnist.yaml` is the CPU arch's
+    *[("wmse", a, t) for a, t in [("resnet50", "in1k"), ("resnet18", "in100"), ("resnet18_cifar", "c10"),
+                                  ("resnet18_cifar", "c100"), ("resnet18_stl", "stl10"), ("resnet18_stl", "tin"),
+                                  ("resnet50", "fmnist")]],
+    *[("msbreg", a, t) for a, t in [("resnet50", "in1k"), ("resnet18", "in100"), ("resnet18_stl", "stl10")]],
+    *[(m, a, t) for m in ("equimod-simclr", "equimod-byol", "simclr", "byol")
+      for a, t in [("resnet50", "in1k"), ("resnet18_cifar", "c10")]],
+    *[("isd", a, "in1k") for a in ("resnet50", "resnet18")],
+    ("groco", "resnet50", "in1k"),
+]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything a user needs to trust a weight. Serialised as the Hub repo's `config.json`."""
+
+    name: str
+    method: str
+    arch: str
+    tag: str
+    dataset: str
+    feature_dim: int
+    input_size: int
+    resize_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str
+    recipe: str
+    paper: str
+    hub_repo: str
+    weights_file: str = "model.safetensors"
+    sha256: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    train_minutes: float | None = None
+    license: str = "mit"
+    has_weights: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def short_name(self) -> str:
+        return f"{self.method}-{self.arch}"
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+        known = {f for f in cls.__dataclass_fields__}
+        d = {k: v for k, v in d.items() if k in known}
+        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
+        return cls(**d)
+
+
+def make_spec(method: str, arch: str, tag: str, **overrides: Any) -> ModelSpec:
+    """A registry row built from its three coordinates."""
+    name = f"{method}-{arch}.{tag}"
+    data = dict(_DATA[tag])
+    row = dict(
+        name=name, method=method, arch=arch, tag=tag, feature_dim=ARCHS[arch].feature_dim,
+        recipe=f"training/recipes/{method}/{tag}{'' if arch == _default_arch(method, tag) else '-' + arch}.yaml",
+        paper=PAPERS[method], hub_repo=f"{HUB_ORG}/{name}", **data,
+    )
+    row.update(overrides)
+    return ModelSpec.from_dict(row)
+
+
+def _default_arch(method: str, tag: str) -> str:
+    """The arch a recipe file `<method>/<tag>.yaml` trains; other archs get `<tag>-<arch>.yaml`."""
+    for m, a, t in _ROWS:
+        if m == method and t == tag:
+            return a
+    raise KeyError((method, tag))
+
+
+def _load_pretrained_json() -> dict[str, dict[str, Any]]:
+    if not PRETRAINED_JSON.exists():
+        return {}
+    return json.loads(PRETRAINED_JSON.read_text())
+
+
+def _build() -> dict[str, ModelSpec]:
+    measured = _load_pretrained_json()
+    specs = {}
+    for method, arch, tag in _ROWS:
+        spec = make_spec(method, arch, tag)
+        if spec.name in measured:
+            spec = replace(spec, **{k: v for k, v in measured[spec.name].items() if k in ModelSpec.__dataclass_fields__})
+        specs[spec.name] = spec
+    return specs
+
+
+_REGISTRY: dict[str, ModelSpec] | None = None
+
+
+def registry() -> dict[str, ModelSpec]:
+    global _REGISTRY
+    if _REGISTRY is None:
+        _REGISTRY = _build()
+    return _REGISTRY
+
+
+def reload() -> None:
+    """Re-read `pretrained.json` (after `zoo export` wrote to it)."""
+    global _REGISTRY
+    _REGISTRY = None
+
+
+def list_models(pattern: str = "*", pretrained_only: bool = False) -> list[str]:
+    """Registry names matching a glob pattern (`"wmse-*"`), optionally only those with weights."""
+    return sorted(n for n, s in registry().items()
+                  if fnmatch.fnmatch(n, pattern) and (s.has_weights or not pretrained_only))
+
+
+def _tag_rank(tag: str) -> int:
+    return TAG_ORDER.index(tag) if tag in TAG_ORDER else len(TAG_ORDER)
+
+
+_logged_defaults: set[str] = set()
+
+
+def get_spec(name: str, need_weights: bool = False) -> ModelSpec:
+    """The registry row of a full name, or of `{method}-{arch}` (its default tag).
+
+    The default tag is the first in `TAG_ORDER` with weights available; without any, the first tag
+    (so `pretrained=False` still builds the architecture) unless `need_weights`, which raises.
+    """
+    reg = registry()
+    if name in reg:
+        return reg[name]
+    candidates = sorted((s for s in reg.values() if s.short_name == name), key=lambda s: _tag_rank(s.tag))
+    if not candidates:
+        names = list(reg) + sorted({s.short_name for s in reg.values()})
+        raise UnknownNameError(f"unknown model {name!r}; did you mean {closest(name, names)}? "
+                               f"(zoo.list_models() lists them all)")
+    with_weights = [s for s in candidates if s.has_weights]
+    if with_weights:
+        spec = with_weights[0]
+    elif need_weights:
+        tags = ", ".join(s.name for s in candidates)
+        raise WeightsNotAvailableError(
+            f"no weights are published for {name!r} (tags: {tags}); train them with "
+            f"`zoo train {candidates[0].recipe}`, pass pretrained=PATH, or pick one of "
+            f"{', '.join(list_models(pretrained_only=True)) or 'none yet'}")
+    else:
+        spec = candidates[0]
+    if name not in _logged_defaults:
+        _logged_defaults.add(name)
+        log.info("%s -> %s", name, spec.name)
+    return spec
