@@ -1,0 +1,172 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import zoo
+from zoo.datasets import DatasetNotFoundError, load_fashion_mnist
+from zoo.errors import MissingDependencyError, require
+from zoo.hub import sha256_file
+
+
+def test_resnet50_imagenet_stem_maps_224_images_to_2048_features():
+    model = zoo.load("wmse-resnet50", pretrained=False)
+    assert model(torch.randn(2, 3, 224, 224)).shape == (2, 2048)
+    assert model.spec.arch == "resnet50" and not model.training
+
+
+def test_cifar_stem_resnet18_maps_32px_images_to_512_features():
+    model = zoo.create_backbone("resnet18_cifar").eval()
+    assert model.conv1.stride == (1, 1) and isinstance(model.maxpool, torch.nn.Identity)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+
+
+def test_cpu_arch_accepts_grayscale_and_repeats_it_to_three_channels():
+    model = zoo.load("wmse-resnet18_narrow.fmnist", pretrained=False)
+    gray = torch.rand(2, 1, 28, 28)
+    assert model(gray).shape == (2, 256)
+    assert torch.equal(model(gray), model(gray.expand(-1, 3, -1, -1)))
+
+
+def test_backbone_has_no_classifier_and_torchvision_key_names():
+    keys = zoo.create_backbone("resnet18").state_dict().keys()
+    assert "conv1.weight" in keys and "layer4.1.bn2.running_var" in keys
+    assert not any(k.startswith("fc.") for k in keys)
+
+
+def test_list_models_names_every_method_of_the_mission():
+    names = zoo.list_models()
+    for method in ["wmse", "msbreg", "equimod-simclr", "equimod-byol", "isd", "groco", "simclr", "byol"]:
+        assert any(n.startswith(method + "-") for n in names), method
+        assert f"{method}-resnet18_narrow.fmnist" in names
+    assert zoo.list_models("wmse-*") == [n for n in names if n.startswith("wmse-")]
+
+
+def test_unknown_name_suggests_the_closest_model():
+    with pytest.raises(zoo.UnknownNameError, match="wmse-resnet50"):
+        zoo.load("wmse-resnet5")
+
+
+def test_short_name_without_weights_names_the_recipe_that_makes_them():
+    short = "groco-resnet50"
+    if zoo.get_spec(short).has_weights:
+        pytest.skip("weights shipped for this name")
+    with pytest.raises(zoo.WeightsNotAvailableError, match="zoo train training/recipes/groco/in1k.yaml"):
+        zoo.load(short)
+
+
+def _save_random_weights(tmp_path, arch="resnet18_narrow"):
+    model = zoo.create_backbone(arch)
+    for p in model.parameters():
+        p.data.normal_()
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return model, path
+
+
+def test_weights_round_trip_bit_exactly_through_file_and_folder(tmp_path):
+    model, path = _save_random_weights(tmp_path)
+    name = "wmse-resnet18_narrow.fmnist"
+    spec = zoo.get_spec(name).to_dict() | {"sha256": sha256_file(path)}
+    (tmp_path / "config.json").write_text(json.dumps(spec))
+    for source in (path, tmp_path):
+        loaded = zoo.load(name, pretrained=source, device="cpu")
+        for k, v in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[k], v), (source, k)
+
+
+def test_flipped_byte_fails_the_sha256_check(tmp_path):
+    _, path = _save_random_weights(tmp_path)
+    spec = zoo.get_spec("wmse-resnet18_narrow.fmnist").to_dict() | {"sha256": sha256_file(path)}
+    (tmp_path / "config.json").write_text(json.dumps(spec))
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(zoo.IntegrityError, match="sha256"):
+        zoo.load("wmse-resnet18_narrow.fmnist", pretrained=tmp_path)
+
+
+def test_checkpoint_of_another_arch_lists_mismatched_keys(tmp_path):
+    _, path = _save_random_weights(tmp_path, arch="resnet18_cifar")
+    with pytest.raises(zoo.CheckpointMismatchError, match="shape mismatch .*conv1.weight"):
+        zoo.load("wmse-resnet18_narrow.fmnist", pretrained=path)
+
+
+def test_truncated_safetensors_is_a_clear_error(tmp_path):
+    _, path = _save_random_weights(tmp_path)
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(zoo.IntegrityError, match="not a readable safetensors"):
+        zoo.load("wmse-resnet18_narrow.fmnist", pretrained=path)
+
+
+def test_missing_optional_dependency_names_the_pip_extra():
+    with pytest.raises(MissingDependencyError, match=r"pip install 'ssl-zoo\[onnx\]'"):
+        require("surely_not_installed_module", "onnx", "the onnxruntime backend")
+
+
+def test_preprocess_accepts_pil_grayscale_rgb_and_uint8_tensors():
+    pre = zoo.load("wmse-resnet18_narrow.fmnist", pretrained=False).preprocess
+    gray = Image.fromarray(np.full((28, 28), 255, np.uint8), mode="L")
+    out = pre(gray)
+    assert out.shape == (3, 28, 28)
+    assert torch.allclose(out, torch.full_like(out, (1 - 0.2860) / 0.3530))
+    assert torch.allclose(pre(gray.convert("RGB")), out)
+    assert torch.allclose(pre(torch.full((1, 28, 28), 255, dtype=torch.uint8)), out)
+    assert pre(torch.zeros(4, 1, 56, 56, dtype=torch.uint8)).shape == (4, 3, 28, 28)
+
+
+def test_preprocess_rejects_odd_channel_counts():
+    pre = zoo.load("wmse-resnet18_narrow.fmnist", pretrained=False).preprocess
+    with pytest.raises(ValueError, match="1 or 3 channels"):
+        pre(torch.zeros(4, 28, 28, dtype=torch.uint8))
+
+
+def test_fashion_mnist_reader_gives_uint8_images_and_labels():
+    images, labels = load_fashion_mnist("test")
+    assert images.shape == (10000, 28, 28) and images.dtype == torch.uint8
+    assert labels.shape == (10000,) and set(labels.tolist()) == set(range(10))
+
+
+def test_fashion_mnist_reader_says_how_to_install_when_missing(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        load_fashion_mnist("train", root=tmp_path)
+
+
+def test_package_imports_and_builds_a_backbone_without_optional_dependencies():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, importlib.machinery\n"
+        "class Block:\n"  # modules that 'exist' to probes (torch checks some) but fail to import
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('faiss', 'onnxruntime', 'onnx', 'huggingface_hub', 'training'):\n"
+        "            return importlib.machinery.ModuleSpec(name, self)\n"
+        "    def create_module(self, spec):\n"
+        "        raise ImportError('blocked ' + spec.name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import torch, zoo\n"
+        "m = zoo.load('wmse-resnet18_narrow.fmnist', pretrained=False)\n"
+        "print(tuple(m(torch.zeros(1, 1, 28, 28)).shape))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "(1, 256)"
+
+
+def test_cli_reports_an_unknown_model_in_one_line():
+    from zoo.cli import main
+
+    assert main(["info", "wmse-resnet5"]) == 2
+
+
+def test_registry_rows_without_weights_say_so_and_name_their_recipe():
+    spec = zoo.get_spec("isd-resnet50.in1k")
+    assert spec.method == "isd" and spec.feature_dim == 2048 and spec.input_size == 224
+    assert spec.recipe == "training/recipes/isd/in1k.yaml"
+    assert zoo.get_spec("isd-resnet18.in1k").recipe == "training/recipes/isd/in1k-resnet18.yaml"
+    assert spec.hub_repo == "ssl-zoo/isd-resnet50.in1k"
+    assert "reconstruction" in zoo.get_spec("msbreg-resnet18_narrow.fmnist").paper

@@ -1,0 +1,210 @@
+"""MSBReg (Moon et al., "An Embedding-Dynamic Approach to Self-supervised Learning", arXiv 2207.03552).
+
+THIS IS A DOCUMENTED RECONSTRUCTION, NOT THE AUTHORS' METHOD. No official code was found and the
+paper's formulas are not readable (`/work/shared/methods/groco_msbreg.md` section 2). What is known
+(abstract, Fig. 1 caption): a BYOL-like online/target pair ("delayed-parameter embedding") with
+multiple views and three terms - a multi-view centroid loss (attraction), a Brownian diffusive loss
+(a random, local dispersive force), and a singular-value loss (decorrelation, global dispersion).
+Everything below that goes beyond those words is our choice, and any number trained with it is a
+number for this reconstruction, not for the paper.
+
+Loss: L = L_centroid + lambda_sv * L_sv + lambda_bd * L_bd (formulas on each pure function).
+
+Deliberate differences from the authors' code: none can be listed, since no code exists. Instead,
+every reconstruction choice, and why:
+1. Architecture: online backbone -> projector -> predictor, EMA target backbone -> projector (BYOL
+   layout: the paper names BYOL's delayed-parameter embedding). Heads are BYOL-shaped MLPs
+   (Linear-BN-ReLU-Linear); `heads_bn=False` drops their BatchNorm (the paper argues its dispersive
+   terms make the model independent of normalisation layers; the flag is the collapse ablation).
+   The target stays in train mode (batch statistics), as in BYOL.
+2. EMA momentum: BYOL's cosine schedule from `base_momentum` (0.99) to 1, applied after every
+   optimiser step with the step index the trainer passes.
+3. Centroid loss: both centroids are means of L2-normalised per-view embeddings (normalise, then
+   average), compared by 2 - 2 cos. Normalising first gives every view equal weight whatever its
+   norm and makes the centroid the mean of points on the unit sphere - the "particles" of the
+   paper's picture; the target centroid has stop-gradient. All K views enter both centroids (the
+   caption says "centroids of online and target network embeddings of different views").
+4. Singular-value loss: on the L2-normalised online projections of each view (the sphere the other
+   two terms act on; uniform on the sphere <=> flat centred spectrum is a necessary condition),
+   centred over the batch, averaged over views. Form: L_sv = sum_i p_i^2 - 1/r with
+   p_i = s_i / sum_j s_j over the r = min(N - 1, D) leading singular values (the centred matrix has
+   rank <= N - 1). It is 0 exactly for a flat spectrum and at most 1 - 1/r (rank one), bounded,
+   smooth, scale-invariant, and its gradient on a vanished direction is finite and non-zero
+   (unlike s_i^2 shares, whose gradient vanishes with s_i, or a spectral entropy, whose gradient
+   diverges as p_i -> 0). sum_i p_i^2 is the inverse participation ratio, so L_sv = 1/PR - 1/r.
+5. Brownian loss: L_bd = -mean_n <normalize(z_n), eps_n>, eps_n uniform on the unit sphere,
+   redrawn every step from `batch.generator`, one direction per *image* shared by its K views (the
+   image is the particle; independent per-view directions would push an image's views apart against
+   the centroid term), applied to the online projections. The spec's sketch uses one epsilon per
+   step for the whole batch; a fresh direction per sample is the Brownian reading (independent
+   kicks per particle). Under DDP each rank takes its own slice of a [world * B, D] draw, so
+   directions are distinct across the global batch and still reproducible.
+6. Weights: lambda_sv = 1.0, lambda_bd = 0.1 are our defaults, not the paper's (unknown).
+7. Views of equal crop size go through a network in one call (BatchNorm statistics shared by
+   those views), as for the zoo's other multi-view methods.
+8. Logged: each term, the total, and `effective_rank` of the normalised online projections of the
+   first view (uncentred, so a complete collapse reads 1 instead of the rank of rounding noise).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.distributed import rank, world_size
+from training.methods.base import SSLMethod, cosine_momentum, ema_update, momentum_copy
+from training.methods.heads import mlp
+from training.views import Views
+
+
+def _fp(x: torch.Tensor) -> torch.Tensor:
+    # fp32 for the losses (svdvals has no half kernels); fp64 kept for gradcheck.
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _no_autocast(device: torch.device):
+    device_type = device.type if torch.amp.is_autocast_available(device.type) else "cpu"
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+def centroid_loss(online_preds: list[torch.Tensor], target_projs: list[torch.Tensor]) -> torch.Tensor:
+    """Multi-view centroid loss: `mean_b [2 - 2 cos(c_q, stopgrad c_z)]`.
+
+    c_q = mean_k normalize(q_k), c_z = mean_k normalize(z_k) over the K views (`[B, D]` each):
+    normalise before averaging, so every view weighs the same and the centroid is that of points
+    on the unit sphere. Zero when the two centroids point the same way; the target gets no gradient.
+    """
+    c_q = torch.stack([F.normalize(_fp(q), dim=1) for q in online_preds]).mean(0)
+    c_z = torch.stack([F.normalize(_fp(z.detach()), dim=1) for z in target_projs]).mean(0)
+    return (2.0 - 2.0 * F.cosine_similarity(c_q, c_z, dim=1, eps=1e-8)).mean()
+
+
+def singular_value_loss(z: torch.Tensor, center: bool = True, normalize: bool = False,
+                        eps: float = 1e-12) -> torch.Tensor:
+    """Flat-spectrum penalty: `sum_i p_i^2 - 1/r`, `p_i = s_i / sum_j s_j`.
+
+    s_1 >= ... are the singular values of the batch matrix `z [N, D]` (rows L2-normalised first if
+    `normalize`, then centred over the batch if `center`), of which the r = min(N - 1, D) leading
+    ones are used when centred (centring removes one rank), min(N, D) otherwise. The value is 0
+    exactly when those r are equal (flat spectrum: decorrelated dimensions of equal variance) and
+    1 - 1/r for rank one. Computed in fp32 (fp64 stays fp64) outside autocast.
+    """
+    with _no_autocast(z.device):
+        z = _fp(z)
+        if normalize:
+            z = F.normalize(z, dim=1)
+        if center:
+            z = z - z.mean(0, keepdim=True)
+        r = min(z.shape[0] - int(center), z.shape[1])
+        s = torch.linalg.svdvals(z)[:r]
+        p = s / (s.sum() + eps)
+        return (p * p).sum() - 1.0 / r
+
+
+def random_directions(n: int, d: int, generator: torch.Generator, device: torch.device | str | None = None,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """n directions uniform on the unit sphere of R^d, drawn from `generator` (normalised Gaussians).
+
+    Drawn on the generator's device in fp32 (fp64 for fp64) and then moved, so the numbers do not
+    depend on where the model runs.
+    """
+    draw_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    eps = torch.randn(n, d, generator=generator, device=generator.device, dtype=draw_dtype)
+    return F.normalize(eps, dim=1).to(device=device, dtype=dtype)
+
+
+def brownian_loss(z: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """Brownian diffusive loss: `-mean_n <normalize(z_n), eps_n>` for given unit directions eps `[N, D]`.
+
+    Its gradient kicks each embedding along its own random direction: a random drift whose mean
+    over directions is zero, so it disperses embeddings locally without looking at any other one.
+    Equals -1 when eps_n = normalize(z_n).
+    """
+    return -(F.normalize(_fp(z), dim=1) * directions.to(_fp(z).dtype)).sum(1).mean()
+
+
+def effective_rank(z: torch.Tensor, center: bool = False, eps: float = 1e-12) -> torch.Tensor:
+    """exp(H(p)), p_i = s_i / sum_j s_j over the singular values of `z [N, D]` (Roy & Vetterli 2007).
+
+    min(N, D) for a flat spectrum, 1 for rank one. Uncentred by default: complete collapse (all rows
+    equal) then reads 1, whereas centring would leave only rounding noise to measure.
+    """
+    with _no_autocast(z.device):
+        z = _fp(z)
+        if center:
+            z = z - z.mean(0, keepdim=True)
+        s = torch.linalg.svdvals(z)
+        p = s / (s.sum() + eps)
+        return torch.exp(-torch.special.xlogy(p, p).sum())
+
+
+class MSBReg(SSLMethod):
+    """MSBReg - a documented RECONSTRUCTION (no code or formulas were published; see the module docstring).
+
+    Online backbone -> projector -> predictor; EMA target backbone -> projector (cosine momentum
+    from `base_momentum`, updated in `after_optimizer_step`). K >= 2 views per image. Loss:
+    `centroid_loss + lambda_sv * singular_value_loss + lambda_bd * brownian_loss`.
+
+    Hyperparameters: `lambda_sv=1.0`, `lambda_bd=0.1`, `base_momentum=0.99`, `proj_hidden=1024`,
+    `proj_dim=128`, `pred_hidden=1024`, `heads_bn=True` (False removes BatchNorm from projector and
+    predictor: the collapse ablation; watch the logged `effective_rank`).
+    """
+
+    name: ClassVar[str] = "msbreg"
+
+    def __init__(self, backbone: nn.Module, lambda_sv: float = 1.0, lambda_bd: float = 0.1,
+                 base_momentum: float = 0.99, proj_hidden: int = 1024, proj_dim: int = 128, pred_hidden: int = 1024,
+                 heads_bn: bool = True):
+        super().__init__(backbone)
+        self.lambda_sv, self.lambda_bd, self.base_momentum = lambda_sv, lambda_bd, base_momentum
+        self.projector = mlp((backbone.feature_dim, proj_hidden, proj_dim), batch_norm=heads_bn)
+        self.predictor = mlp((proj_dim, pred_hidden, proj_dim), batch_norm=heads_bn)
+        self.target_backbone = momentum_copy(backbone)
+        self.target_projector = momentum_copy(self.projector)
+
+    @staticmethod
+    def _by_size(images: list[torch.Tensor], *nets: nn.Module) -> list[list[torch.Tensor]]:
+        """Per view, the outputs of the chain `nets` after each stage but the first (backbone).
+
+        One call per distinct crop size (views of equal size concatenated), order preserved.
+        """
+        out: list[list[torch.Tensor]] = [[] for _ in images]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, x in enumerate(images):
+            groups.setdefault(tuple(x.shape[1:]), []).append(i)
+        for idx in groups.values():
+            y = nets[0](torch.cat([images[i] for i in idx], dim=0))
+            for net in nets[1:]:
+                y = net(y)
+                for i, chunk in zip(idx, y.chunk(len(idx), dim=0)):
+                    out[i].append(chunk)
+        return out
+
+    def forward(self, batch: Views) -> tuple[torch.Tensor, dict[str, Any]]:
+        if len(batch.views) < 2:
+            raise ValueError(f"MSBReg needs at least 2 views per image, got {len(batch.views)}")
+        z, q = zip(*self._by_size(batch.views, self.backbone, self.projector, self.predictor))
+        with torch.no_grad():
+            t = [out[0] for out in self._by_size(batch.views, self.target_backbone, self.target_projector)]
+
+        b, d = z[0].shape
+        # One direction per image of the global batch; this rank takes its slice (distinct, reproducible).
+        dirs = random_directions(world_size() * b, d, batch.generator, device=z[0].device)[rank() * b:(rank() + 1) * b]
+        with _no_autocast(z[0].device):
+            l_c = centroid_loss(q, t)
+            l_sv = torch.stack([singular_value_loss(zk, normalize=True) for zk in z]).mean()
+            l_bd = torch.stack([brownian_loss(zk, dirs) for zk in z]).mean()
+            loss = l_c + self.lambda_sv * l_sv + self.lambda_bd * l_bd
+            with torch.no_grad():
+                erank = effective_rank(F.normalize(_fp(z[0]), dim=1))
+        logs = {"loss": loss.detach(), "centroid": l_c.detach(), "sv": l_sv.detach(), "brownian": l_bd.detach(),
+                "effective_rank": erank}
+        return loss, logs
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        m = cosine_momentum(self.base_momentum, step, total_steps)
+        ema_update(self.target_backbone, self.backbone, m)
+        ema_update(self.target_projector, self.projector, m)

@@ -1,0 +1,62 @@
+"""Recipes: YAML files under training/recipes/<method>/<dataset>.yaml, with `--set key=value` overrides."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+RECIPES_DIR = Path(__file__).with_name("recipes")
+REQUIRED = ("method", "model", "data", "augment", "optim", "train")
+
+
+def resolve_recipe_path(path: str | os.PathLike) -> Path:
+    """A path as given, or relative to the repository / package (`training/recipes/wmse/fmnist.yaml`)."""
+    p = Path(path)
+    for candidate in (p, RECIPES_DIR.parent.parent / p, RECIPES_DIR / p):
+        if candidate.is_file():
+            return candidate
+    known = sorted(str(q.relative_to(RECIPES_DIR.parent.parent)) for q in RECIPES_DIR.rglob("*.yaml"))
+    import difflib
+
+    close = difflib.get_close_matches(str(path), known, n=3)
+    raise FileNotFoundError(f"recipe {path} not found; did you mean {', '.join(close) or known[:3]}?")
+
+
+def apply_overrides(recipe: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """`train.epochs=1` style overrides; values parsed as YAML (numbers, lists, booleans)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value (e.g. train.epochs=1), got {item!r}")
+        key, value = item.split("=", 1)
+        parts = key.split(".")
+        if len(parts) == 1 and parts[0] in ("epochs", "max_steps", "seed", "precision"):
+            parts = ["train", parts[0]]  # shorthands for the most common overrides
+        node = recipe
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise KeyError(f"--set {key}: {part!r} is not a section of the recipe")
+            node = node[part]
+        node[parts[-1]] = yaml.safe_load(value)
+    return recipe
+
+
+def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict[str, Any]:
+    recipe = yaml.safe_load(resolve_recipe_path(path).read_text())
+    missing = [k for k in REQUIRED if k not in recipe]
+    if missing:
+        raise ValueError(f"recipe {path} lacks section(s) {', '.join(missing)}")
+    return apply_overrides(recipe, overrides)
+
+
+def config_hash(recipe: dict[str, Any]) -> str:
+    """sha256 of the resolved recipe (canonical JSON); goes into checkpoints and config.json."""
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+
+
+def dump_recipe(recipe: dict[str, Any], path: Path) -> None:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))

@@ -1,0 +1,323 @@
+"""One trainer for every method: recipe in, checkpoints and a k-NN-monitored backbone out.
+
+The trainer knows nothing of any single method: it builds the backbone, asks
+`training.methods.get_method_class(recipe.method.name)` for the method, and drives it through
+`forward(Views) -> (loss, logs)` and `after_optimizer_step`. Everything random is drawn from
+generators seeded by (seed, step), so a resumed run and every DDP rank reproduce the same draws.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from training import distributed as dist_utils
+from training.augment import build_augment
+from training.data import DATASET_TAGS, BatchPlan, build_dataset, iterate_batches
+from training.methods import get_method_class
+from training.optim import build_optimizer, lr_factor
+from training.recipe import config_hash, dump_recipe
+from training.views import Views
+from zoo.backbones import create_backbone
+from zoo.errors import ZooError
+from zoo.eval import knn_accuracy
+from zoo.preprocess import Preprocess
+from zoo.registry import _DATA
+
+log = logging.getLogger("training")
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class TrainingDiverged(ZooError, FloatingPointError):
+    pass
+
+
+def _subset(ds, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random subset (same every call) of a dataset as uint8 images and labels."""
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(12345))[: min(n, len(ds))]
+    if hasattr(ds, "batch"):
+        return ds.batch(idx)
+    samples = [s for s in (ds[int(i)] for i in idx) if s is not None]
+    return torch.stack([s[0] for s in samples]), torch.tensor([s[1] for s in samples])
+
+
+def _step_generator(seed: int, step: int, salt: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + salt) % (2**63 - 1))
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temp file, fsync, rename: a kill mid-write never leaves a broken checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ZooError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                       f"it may be from another version: start a fresh run with --out") from e
+
+
+def _setup_distributed() -> torch.device:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist_utils.is_distributed():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+class Trainer:
+    def __init__(self, recipe: dict[str, Any], out_dir: str | os.PathLike, resume: bool = False,
+                 progress: bool = True):
+        self.recipe = recipe
+        self.out = Path(out_dir)
+        self.progress = progress
+        self.device = _setup_distributed()
+        self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
+        tcfg = recipe["train"]
+        self.seed = int(tcfg.get("seed", 0))
+        torch.manual_seed(self.seed)
+
+        data_cfg = recipe["data"]
+        self.dataset = build_dataset(data_cfg, "train")
+        tag = DATASET_TAGS[data_cfg["dataset"]]
+        self.mean, self.std = _DATA[tag]["mean"], _DATA[tag]["std"]
+        self.plan = BatchPlan(len(self.dataset), int(data_cfg["batch_size"]), self.seed, self.rank, self.world)
+        self.epochs = int(tcfg["epochs"])
+        self.total_steps = self.epochs * self.plan.batches_per_epoch
+        if tcfg.get("max_steps"):
+            self.total_steps = min(self.total_steps, int(tcfg["max_steps"]))
+
+        method_cls = get_method_class(recipe["method"]["name"])
+        self.augment = build_augment(recipe["augment"], self.mean, self.std)
+        if method_cls.needs_params and self.augment.param_groups is None:
+            raise ValueError(f"{method_cls.name} needs augmentation parameter vectors: set augment.params")
+        if method_cls.needs_original and not self.augment.return_original:
+            raise ValueError(f"{method_cls.name} needs the un-augmented image: set augment.original: true")
+        backbone = create_backbone(recipe["model"]["arch"], bool(recipe["model"].get("zero_init_residual", False)))
+        self.method = method_cls.from_config(backbone, recipe["method"]).to(self.device)
+        self.channels_last = bool(tcfg.get("channels_last", True))
+        if self.channels_last:
+            self.method = self.method.to(memory_format=torch.channels_last)
+        self.optimizer, self.base_lrs = build_optimizer(self.method, recipe["optim"], int(data_cfg["batch_size"]))
+        self.model: nn.Module = self.method
+        if self.world > 1:
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
+            self.method = self.model
+            # broadcast_buffers=False: queues are kept identical by the methods themselves, and SyncBN keeps
+            # running stats in step; broadcasting a 128k-row queue every step would cost more than the model.
+            self.model = nn.parallel.DistributedDataParallel(
+                self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False)
+        if tcfg.get("compile"):
+            self.model = torch.compile(self.model)
+        self.precision = tcfg.get("precision", "fp32")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.skipped_files = 0
+        self.history: list[dict[str, Any]] = []
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self._resume()
+        elif (self.out / CHECKPOINT).exists():
+            raise ZooError(f"{self.out} already holds a run; continue it with `zoo train --resume {self.out}` "
+                           f"or pass another --out")
+        if self.rank == 0:
+            dump_recipe(recipe, self.out / "recipe.yaml")
+
+    # ---------------------------------------------------------------- checkpoints
+    def state(self) -> dict[str, Any]:
+        return {"method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch, "torch_rng": torch.get_rng_state(),
+                "recipe_json": json.dumps(self.recipe, sort_keys=True), "recipe_hash": config_hash(self.recipe),
+                "history": json.dumps(self.history), "skipped_files": self.skipped_files}
+
+    def save(self) -> None:
+        if self.rank == 0:
+            atomic_save(self.state(), self.out / CHECKPOINT)
+
+    def _resume(self) -> None:
+        path = self.out / CHECKPOINT
+        if not path.exists():
+            raise ZooError(f"nothing to resume in {self.out} (no {CHECKPOINT}); start the run without --resume")
+        ckpt = load_checkpoint(path)
+        if ckpt["recipe_hash"] != config_hash(self.recipe):
+            raise ZooError(f"the recipe differs from the one {self.out} was started with; resume without --set "
+                           f"overrides (the saved recipe is {self.out / 'recipe.yaml'})")
+        self.method.load_state_dict(ckpt["method"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+        self.history = json.loads(ckpt["history"])
+        self.skipped_files = ckpt["skipped_files"]
+        # Steps logged after this checkpoint (before a kill) are re-run: drop them from the log.
+        metrics = self.out / "metrics.jsonl"
+        if self.rank == 0 and metrics.exists():
+            kept = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= self.step]
+            metrics.write_text("".join(ln + "\n" for ln in kept))
+        log.info("resumed %s at step %d (epoch %d, batch %d)", self.out, self.step, self.epoch, self.batch_in_epoch)
+
+    # ---------------------------------------------------------------- logging
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # ---------------------------------------------------------------- one step
+    def _set_lr(self) -> float:
+        factor = lr_factor(self.step, self.total_steps, self.plan.batches_per_epoch, self.recipe.get("schedule", {}))
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _autocast(self):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+    def train_step(self, images: torch.Tensor) -> tuple[float, dict[str, float]]:
+        images = images.to(self.device, non_blocking=True)
+        batch = self.augment(images, _step_generator(self.seed, self.step, 1))
+        if self.channels_last:
+            batch.views = [v.contiguous(memory_format=torch.channels_last) for v in batch.views]
+        batch.generator = _step_generator(self.seed, self.step, 2)
+        batch.step, batch.total_steps = self.step, self.total_steps
+        lr = self._set_lr()
+        self.method.train()
+        with self._autocast():
+            loss, logs = self.model(batch)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss is {loss.item()} at step {self.step}; the last good checkpoint is {self.out / CHECKPOINT}: "
+                f"lower optim.lr or raise warm-up, then `zoo train --resume {self.out}`")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.method.parameters(), float(
+            self.recipe["train"].get("clip_grad", float("inf"))))
+        if not torch.isfinite(grad_norm):
+            raise TrainingDiverged(
+                f"gradient is {grad_norm.item()} at step {self.step}; the last good checkpoint is "
+                f"{self.out / CHECKPOINT}: lower optim.lr, then `zoo train --resume {self.out}`")
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.method.after_optimizer_step(self.step, self.total_steps)
+        out = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in logs.items()}
+        out["lr"], out["grad_norm"] = lr, float(grad_norm)
+        return float(loss.detach()), out
+
+    # ---------------------------------------------------------------- k-NN monitor
+    @torch.no_grad()
+    def knn_monitor(self) -> float:
+        """Weighted k-NN (cosine, k=20, T=0.07) of backbone features: train subset as bank, test subset as queries."""
+        ecfg = self.recipe.get("eval", {})
+        bank_ds, test_ds = build_dataset(self.recipe["data"], "labelled"), build_dataset(self.recipe["data"], "test")
+        bank_x, bank_y = _subset(bank_ds, int(ecfg.get("knn_bank", 10000)))
+        test_x, test_y = _subset(test_ds, int(ecfg.get("knn_queries", 2000)))
+        size = int(ecfg.get("input_size", self.augment.pipelines[0].crop_size))
+        preprocess = Preprocess(size, int(ecfg.get("resize_size", size)), self.mean, self.std)
+        backbone = self.method.backbone
+        was_training = backbone.training
+        backbone.eval()
+
+        def embed(x: torch.Tensor) -> torch.Tensor:
+            feats = []
+            for chunk in x.split(512):
+                with self._autocast():
+                    feats.append(backbone(preprocess(chunk).to(self.device)).float())
+            return torch.cat(feats)
+
+        acc = knn_accuracy(embed(bank_x), bank_y, embed(test_x), test_y, k=int(ecfg.get("knn_k", 20)),
+                           temperature=float(ecfg.get("knn_t", 0.07)))
+        backbone.train(was_training)
+        return acc
+
+    # ---------------------------------------------------------------- loop
+    def fit(self) -> dict[str, Any]:
+        tcfg = self.recipe["train"]
+        ckpt_every = int(tcfg.get("checkpoint_every", 200))
+        log_every = int(tcfg.get("log_every", 10))
+        knn_every = int(self.recipe.get("eval", {}).get("knn_every", 1))
+        global_batch = self.plan.global_batch
+        bar = None
+        if self.progress and self.rank == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc=self.recipe["method"]["name"],
+                       unit="step", dynamic_ncols=True, file=sys.stderr)
+        if self.step == 0:
+            self.save()  # step-0 checkpoint: a run killed before its first save can still --resume
+        t_last, n_last = time.time(), 0
+        stop = False
+        while self.epoch < self.epochs and not stop:
+            for images, _, skipped in iterate_batches(self.dataset, self.plan, self.epoch, self.batch_in_epoch,
+                                                       int(self.recipe["data"].get("workers", 0))):
+                if self.step >= self.total_steps:
+                    stop = True
+                    break
+                self.skipped_files += skipped
+                loss, logs = self.train_step(images)
+                self.step += 1
+                self.batch_in_epoch += 1
+                n_last += global_batch
+                if self.step % log_every == 0 or self.step == self.total_steps:
+                    now = time.time()
+                    ips = n_last / max(now - t_last, 1e-9)
+                    t_last, n_last = now, 0
+                    self._log({"step": self.step, "epoch": self.epoch, "loss": loss, "images_per_s": ips, **logs})
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{logs['lr']:.3g}", img_s=f"{ips:.0f}")
+                if bar is not None:
+                    bar.update(1)
+                if self.step % ckpt_every == 0:
+                    self.save()
+            else:
+                self.epoch += 1
+                self.batch_in_epoch = 0
+                record: dict[str, Any] = {"step": self.step, "epoch": self.epoch, "skipped_files": self.skipped_files}
+                if knn_every and self.epoch % knn_every == 0:
+                    record["knn_top1"] = self.knn_monitor()
+                    if bar is not None:
+                        bar.write(f"epoch {self.epoch}: k-NN top-1 {record['knn_top1']:.2f}")
+                self.history.append(record)
+                self._log(record)
+                self.save()
+        if bar is not None:
+            bar.close()
+        final = {"step": self.step, "epoch": self.epoch, "knn_top1": self.knn_monitor(), "final": True}
+        self.history.append(final)
+        self._log(final)
+        self.save()
+        if self.skipped_files:
+            log.warning("skipped %d unreadable image files", self.skipped_files)
+        return final
+
+
+def train(recipe: dict[str, Any], out_dir: str | os.PathLike, resume: bool = False, progress: bool = True
+          ) -> dict[str, Any]:
+    """Run a recipe to the end (or resume it); returns the final k-NN record."""
+    trainer = Trainer(recipe, out_dir, resume=resume, progress=progress)
+    # SIGTERM (e.g. a scheduler's preemption): leave through the normal exception path.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    return trainer.fit()
