@@ -51,6 +51,11 @@ def _subset(ds, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([s[0] for s in samples]), torch.tensor([s[1] for s in samples])
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _step_generator(seed: int, step: int, salt: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + salt) % (2**63 - 1))
 
@@ -82,6 +87,23 @@ def _setup_distributed() -> torch.device:
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
+
+
+def wrap_distributed(method: nn.Module, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """(method with SyncBatchNorm, DDP wrapper to call) under torch.distributed; (method, method) otherwise."""
+    if dist_utils.world_size() == 1:
+        return method, method
+    if device.type == "cuda":
+        method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    else:  # torch's SyncBatchNorm is CUDA-only
+        from training.sync_bn import convert_global_batchnorm
+
+        method = convert_global_batchnorm(method)
+    # broadcast_buffers=False: queues are kept identical by the methods themselves and SyncBN keeps running
+    # stats in step; broadcasting a 128k-row queue every step would cost more than the model.
+    ddp = nn.parallel.DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None,
+                                              broadcast_buffers=False)
+    return method, ddp
 
 
 class Trainer:
@@ -117,16 +139,8 @@ class Trainer:
         self.channels_last = bool(tcfg.get("channels_last", True))
         if self.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
+        self.method, self.model = wrap_distributed(self.method, self.device)  # before the optimiser: SyncBN swaps modules
         self.optimizer, self.base_lrs = build_optimizer(self.method, recipe["optim"], int(data_cfg["batch_size"]))
-        self.model: nn.Module = self.method
-        if self.world > 1:
-            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
-            self.method = self.model
-            # broadcast_buffers=False: queues are kept identical by the methods themselves, and SyncBN keeps
-            # running stats in step; broadcasting a 128k-row queue every step would cost more than the model.
-            self.model = nn.parallel.DistributedDataParallel(
-                self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False)
         if tcfg.get("compile"):
             self.model = torch.compile(self.model)
         self.precision = tcfg.get("precision", "fp32")
@@ -197,16 +211,21 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
     def train_step(self, images: torch.Tensor) -> tuple[float, dict[str, float]]:
+        t0 = time.perf_counter()
         images = images.to(self.device, non_blocking=True)
         batch = self.augment(images, _step_generator(self.seed, self.step, 1))
         if self.channels_last:
             batch.views = [v.contiguous(memory_format=torch.channels_last) for v in batch.views]
+        _sync(self.device)
+        t1 = time.perf_counter()
         batch.generator = _step_generator(self.seed, self.step, 2)
         batch.step, batch.total_steps = self.step, self.total_steps
         lr = self._set_lr()
         self.method.train()
         with self._autocast():
             loss, logs = self.model(batch)
+        _sync(self.device)
+        t2 = time.perf_counter()
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"loss is {loss.item()} at step {self.step}; the last good checkpoint is {self.out / CHECKPOINT}: "
@@ -223,8 +242,12 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.method.after_optimizer_step(self.step, self.total_steps)
+        _sync(self.device)
+        t3 = time.perf_counter()
+        self.last_timing = {"augment": t1 - t0, "forward": t2 - t1, "backward_update": t3 - t2}
         out = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in logs.items()}
         out["lr"], out["grad_norm"] = lr, float(grad_norm)
+        out["augment_share"] = (t1 - t0) / (t3 - t0)
         return float(loss.detach()), out
 
     # ---------------------------------------------------------------- k-NN monitor

@@ -46,6 +46,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_train(args: argparse.Namespace) -> int:
+    from training.bench import bench_train
+
+    bench_train(args.methods or None, steps=args.steps, batch_size=args.batch_size, dataset=args.dataset)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from zoo.demo import run_demo
 
@@ -74,6 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly where it stopped")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_train)
+
+    bench = sub.add_parser("bench", help="benchmarks: ratios measured side by side in one run")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    p = bench_sub.add_parser("train", help="per method at its Fashion-MNIST recipe: img/s, augment and loss shares")
+    p.add_argument("methods", nargs="*", help="default: all methods")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--dataset", default=None, help="e.g. synthetic (tiny smoke runs)")
+    p.set_defaults(func=_cmd_bench_train)
+    parser._bench_sub = bench_sub  # other modules add their benchmarks to the same group
 
     p = sub.add_parser("demo", help="the main job: load a shipped model, embed Fashion-MNIST, search, report")
     p.add_argument("--model", default=None, help="model name (default: the best shipped Fashion-MNIST model)")

@@ -66,7 +66,7 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torc
         logits = (u @ u.T) / temperature
         self_mask = torch.eye(2 * n, dtype=torch.bool, device=u.device)
         logits = logits.masked_fill(self_mask, float("-inf"))  # exp(-inf) = 0: self never in the denominator
-        targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(u.device)
+        targets = torch.arange(2 * n, device=u.device).roll(n)  # row i's positive: (i + N) mod 2N
         return F.cross_entropy(logits, targets)
 
 

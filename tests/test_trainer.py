@@ -1,0 +1,137 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from training.optim import LARS, build_optimizer, lr_factor
+from training.recipe import apply_overrides, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_recipe(method: dict | None = None, **train) -> dict:
+    """SimCLR on generated 28 px images: a few seconds per run on 2 cores."""
+    return {
+        "method": method or {"name": "simclr", "temperature": 0.5, "proj_hidden": 64, "proj_dim": 32},
+        "model": {"arch": "resnet18_narrow"},
+        "data": {"dataset": "synthetic", "size": 96, "test_size": 64, "batch_size": 16, "workers": 0},
+        "augment": {"views": [{"crop_size": 28, "crop_scale": [0.3, 1.0], "jitter": [0.4, 0.4, 0.0, 0.0],
+                               "gray_p": 0.0, "repeat": 2}]},
+        "optim": {"name": "lars", "lr": 0.3, "weight_decay": 1e-6},
+        "schedule": {"kind": "cosine", "warmup_steps": 2},
+        "train": {"epochs": 2, "precision": "fp32", "channels_last": False, "seed": 0, "checkpoint_every": 3,
+                  "log_every": 1, **train},
+        "eval": {"knn_every": 1, "knn_bank": 96, "knn_queries": 64},
+    }
+
+
+def _losses(run: Path) -> dict[int, float]:
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def test_set_overrides_nested_fields_and_rejects_unknown_sections():
+    recipe = tiny_recipe()
+    apply_overrides(recipe, ["train.epochs=3", "optim.lr=0.1", "seed=4"])
+    assert recipe["train"]["epochs"] == 3 and recipe["optim"]["lr"] == 0.1 and recipe["train"]["seed"] == 4
+    with pytest.raises(KeyError, match="not a section"):
+        apply_overrides(recipe, ["nosuch.lr=1"])
+
+
+def test_schedule_warms_up_linearly_then_follows_cosine_or_steps():
+    cos = {"kind": "cosine", "warmup_steps": 10}
+    assert lr_factor(0, 110, 10, cos) == pytest.approx(0.1)
+    assert lr_factor(9, 110, 10, cos) == pytest.approx(1.0)
+    assert lr_factor(60, 110, 10, cos) == pytest.approx(0.5)
+    assert lr_factor(110, 110, 10, cos) == pytest.approx(0.0, abs=1e-12)
+    step = {"kind": "step", "milestones": [5, 8], "gamma": 0.2}
+    assert lr_factor(49, 100, 10, step) == 1.0
+    assert lr_factor(50, 100, 10, step) == pytest.approx(0.2)
+    assert lr_factor(85, 100, 10, step) == pytest.approx(0.04)
+
+
+def test_lars_excludes_batchnorm_and_biases_from_decay_and_adaptation():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+    opt, _ = build_optimizer(model, {"name": "lars", "lr": 1.0, "weight_decay": 0.1}, 256)
+    assert isinstance(opt, LARS)
+    decayed, excluded = opt.param_groups
+    assert all(p.ndim == 2 for p in decayed["params"]) and decayed["lars"] and decayed["weight_decay"] == 0.1
+    assert all(p.ndim == 1 for p in excluded["params"]) and not excluded["lars"] and excluded["weight_decay"] == 0
+
+
+def test_every_shipped_recipe_loads_and_names_a_known_method():
+    from training.methods import method_names
+
+    recipes = sorted((ROOT / "training" / "recipes").rglob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        recipe = load_recipe(path)
+        assert recipe["method"]["name"] in method_names(), path
+
+
+def test_training_run_writes_checkpoint_metrics_and_a_knn_number(tmp_path):
+    from training.trainer import train
+
+    final = train(tiny_recipe(), tmp_path / "run", progress=False)
+    assert final["step"] == 12 and 0 <= final["knn_top1"] <= 100
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 12 and any(k.startswith("backbone.") for k in ckpt["method"])
+    losses = _losses(tmp_path / "run")
+    assert sorted(losses) == list(range(1, 13)) and all(map(lambda v: v == v, losses.values()))
+    assert yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["method"]["name"] == "simclr"
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    from training.trainer import TrainingDiverged, train
+
+    recipe = tiny_recipe()
+    recipe["optim"] = {"name": "sgd", "lr": 1e30}
+    with pytest.raises(TrainingDiverged, match="--resume"):
+        train(recipe, tmp_path / "run", progress=False)
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] >= 0
+
+
+def test_starting_over_an_existing_run_refuses_and_points_to_resume(tmp_path):
+    from training.trainer import train
+    from zoo.errors import ZooError
+
+    train(tiny_recipe(max_steps=2), tmp_path / "run", progress=False)
+    with pytest.raises(ZooError, match="--resume"):
+        train(tiny_recipe(max_steps=2), tmp_path / "run", progress=False)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_repeats_the_uninterrupted_losses(tmp_path):
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe = tiny_recipe(epochs=3)
+    recipe_path.write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cli = [sys.executable, "-m", "zoo.cli", "train", "--no-progress"]
+
+    ref = tmp_path / "ref"
+    subprocess.run([*cli, str(recipe_path), "--out", str(ref)], env=env, check=True, capture_output=True, timeout=300)
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([*cli, str(recipe_path), "--out", str(run)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill once step 7 (mid-epoch 2, after the checkpoint at step 6) is logged
+        if (run / "metrics.jsonl").exists() and max(_losses(run) or [0]) >= 7:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert max(_losses(run)) < 18, "the run finished before it could be killed"
+    subprocess.run([*cli, "--resume", str(run)], env=env, check=True, capture_output=True, timeout=300)
+    assert _losses(run) == _losses(ref)

@@ -1,0 +1,112 @@
+"""`zoo bench train`: per method, at its Fashion-MNIST recipe on the CPU arch, side by side in one run:
+images/s of a full training step, the share of the step spent in augmentation, in the backbone's
+forward, and in the heads + loss forward; and, where lightly implements the same loss, the step
+time with lightly's loss swapped in, as a ratio."""
+
+from __future__ import annotations
+
+import importlib
+import tempfile
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+
+from training.data import iterate_batches
+from training.recipe import load_recipe
+from training.trainer import Trainer
+
+BENCH_METHODS = ["wmse", "isd", "simclr", "byol", "equimod-simclr", "equimod-byol", "groco", "msbreg"]
+
+
+def _lightly_losses() -> dict[str, tuple[str, str, Callable[[Any], Callable]]]:
+    """method -> (our module, our loss function name, factory of a drop-in replacement from lightly)."""
+
+    def nt_xent(_):
+        from lightly.loss import NTXentLoss
+
+        def loss(z1, z2, temperature):
+            return NTXentLoss(temperature=temperature)(z1, z2)
+        return loss
+
+    def byol(_):
+        from lightly.loss import NegativeCosineSimilarity
+
+        def loss(p, z):  # lightly's is -cos; 2 - 2cos has the same gradient up to the factor 2
+            return 2 + 2 * NegativeCosineSimilarity()(p, z.detach())
+        return loss
+
+    return {"simclr": ("training.methods.simclr", "nt_xent_loss", nt_xent),
+            "byol": ("training.methods.byol", "byol_loss", byol)}
+
+
+@contextmanager
+def _swapped(module: str, attr: str, replacement: Callable) -> Iterator[None]:
+    mod = importlib.import_module(module)
+    original = getattr(mod, attr)
+    setattr(mod, attr, replacement)
+    try:
+        yield
+    finally:
+        setattr(mod, attr, original)
+
+
+def _time_steps(trainer: Trainer, batches: list[torch.Tensor]) -> dict[str, float]:
+    backbone_time = [0.0]
+    start: list[float] = []
+    h1 = trainer.method.backbone.register_forward_pre_hook(lambda *_: start.append(time.perf_counter()))
+    h2 = trainer.method.backbone.register_forward_hook(
+        lambda *_: backbone_time.__setitem__(0, backbone_time[0] + time.perf_counter() - start.pop()))
+    totals = {"augment": 0.0, "forward": 0.0, "backward_update": 0.0}
+    try:
+        trainer.train_step(batches[0])  # warm-up (allocator, first-call overheads)
+        backbone_time[0] = 0.0
+        for images in batches[1:]:
+            trainer.train_step(images)
+            for k, v in trainer.last_timing.items():
+                totals[k] += v
+    finally:
+        h1.remove()
+        h2.remove()
+    step = sum(totals.values())
+    n = len(batches) - 1
+    # Momentum targets also run a backbone (not hooked): their share lands in "heads+loss".
+    return {"images_per_s": n * batches[0].shape[0] / step, "step_s": step / n,
+            "augment": totals["augment"] / step, "backbone_fwd": backbone_time[0] / step,
+            "heads_loss_fwd": (totals["forward"] - backbone_time[0]) / step}
+
+
+def bench_train(methods: list[str] | None = None, steps: int = 6, batch_size: int | None = None,
+                dataset: str | None = None) -> list[dict[str, Any]]:
+    rows = []
+    for method in methods or BENCH_METHODS:
+        overrides = ["train.max_steps=1000000", "eval.knn_every=0"]
+        if batch_size:
+            overrides.append(f"data.batch_size={batch_size}")
+        if dataset:
+            overrides += [f"data.dataset={dataset}", "data.size=512"]
+        recipe = load_recipe(f"training/recipes/{method}/fmnist.yaml", overrides)
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer = Trainer(recipe, tmp, progress=False)
+            batches = [x for x, _, _ in iterate_batches(trainer.dataset, trainer.plan, 0, 0, 0)][: steps + 1]
+            row = {"method": method, "batch": trainer.plan.global_batch, **_time_steps(trainer, batches)}
+            if method in _lightly_losses():
+                module, attr, factory = _lightly_losses()[method]
+                try:
+                    with _swapped(module, attr, factory(None)):
+                        theirs = _time_steps(trainer, batches)
+                    row["lightly_step_ratio"] = theirs["step_s"] / row["step_s"]
+                except ImportError:
+                    row["lightly_step_ratio"] = None
+        rows.append(row)
+        print(_format_row(row), flush=True)
+    return rows
+
+
+def _format_row(r: dict[str, Any]) -> str:
+    lightly = r.get("lightly_step_ratio", "n/a")
+    lightly = f"{lightly:.2f}" if isinstance(lightly, float) else ("lightly not installed" if lightly is None else "-")
+    return (f"{r['method']:15s} batch {r['batch']:4d}  {r['images_per_s']:7.1f} img/s  step {r['step_s'] * 1000:7.1f} ms  "
+            f"augment {100 * r['augment']:5.1f}%  backbone fwd {100 * r['backbone_fwd']:5.1f}%  "
+            f"heads+loss fwd {100 * r['heads_loss_fwd']:5.1f}%  lightly-loss step / ours: {lightly}")
