@@ -10,6 +10,8 @@ the trainer uses torch's SyncBatchNorm instead (its fused kernels are faster).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -31,7 +33,9 @@ class GlobalBatchNorm(_BatchNorm):
         xf = x if x.dtype == torch.float64 else x.float()  # half inputs: statistics in fp32
         count = torch.tensor([x.numel() / x.shape[1]], dtype=xf.dtype, device=x.device)
         stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])
-        stats = all_reduce(stats)  # differentiable: gradients flow back to every process's inputs
+        with warnings.catch_warnings():  # deprecated in favour of a private API; still the public one
+            warnings.simplefilter("ignore", FutureWarning)
+            stats = all_reduce(stats)  # differentiable: gradients flow back to every process's inputs
         c = x.shape[1]
         n = stats[-1]
         mean = stats[:c] / n
