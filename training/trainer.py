@@ -290,6 +290,12 @@ class Trainer:
             bar = tqdm(total=self.total_steps, initial=self.step, desc=self.recipe["method"]["name"],
                        unit="step", dynamic_ncols=True, file=sys.stderr)
         if self.step == 0:
+            if knn_every:  # the randomly initialised backbone: the baseline the monitor must rise above
+                record = {"step": 0, "epoch": 0, "knn_top1": self.knn_monitor()}
+                self.history.append(record)
+                self._log(record)
+                if bar is not None:
+                    bar.write(f"initial (random) backbone: k-NN top-1 {record['knn_top1']:.2f}")
             self.save()  # step-0 checkpoint: a run killed before its first save can still --resume
         t_last, n_last = time.time(), 0
         stop = False
