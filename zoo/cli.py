@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_bench_train)
     parser._bench_sub = bench_sub  # other modules add their benchmarks to the same group
 
+    from export.cli import register as register_export
+
+    register_export(sub)
+
     p = sub.add_parser("demo", help="the main job: load a shipped model, embed Fashion-MNIST, search, report")
     p.add_argument("--model", default=None, help="model name (default: the best shipped Fashion-MNIST model)")
     p.add_argument("--queries", type=int, default=5)

@@ -10,7 +10,7 @@ import torch
 
 from zoo.backbones import Backbone, create_backbone
 from zoo.errors import CheckpointMismatchError, IntegrityError, WeightsNotAvailableError
-from zoo.hub import resolve_weights, verify_sha256
+from zoo.hub import resolve_verified_weights, verify_sha256
 from zoo.preprocess import Preprocess
 from zoo.registry import ModelSpec, get_spec
 
@@ -64,19 +64,24 @@ def _weights_from_path(path: Path, spec: ModelSpec) -> tuple[Path, ModelSpec]:
     return path, spec
 
 
-def load(name: str, pretrained: bool | str | os.PathLike = True, device: str | torch.device | None = None) -> Backbone:
+def load(name: str, pretrained: bool | str | os.PathLike = True, device: str | torch.device | None = None,
+         revision: str | None = None) -> Backbone:
     """The backbone of a registry model, in eval mode, with `.spec` and `.preprocess` attached.
 
     `name` is `{method}-{arch}.{tag}` or `{method}-{arch}` (its default tag). `pretrained` is True
-    (registry weights: model_cards/ -> HF cache -> Hub), False (untrained), or a path to a
-    `.safetensors` file or to a Hub-layout folder.
+    (registry weights: model_cards/ -> HF cache -> Hub, sha256-checked), False (untrained), or a path
+    to a `.safetensors` file or to a Hub-layout folder. `revision` (a branch, tag or commit sha of the
+    model's Hub repository) pins the Hub weights: they come from that revision (or the cache), checked
+    against that revision's config.json.
     """
-    spec = get_spec(name, need_weights=pretrained is True)
+    if revision is not None and pretrained is not True:
+        raise ValueError(f"revision={revision!r} pins Hub weights; use it with pretrained=True, or drop it when "
+                         f"loading pretrained={pretrained!r}")
+    spec = get_spec(name, need_weights=pretrained is True and revision is None)
     model = create_backbone(spec.arch)
     if pretrained is not False:
         if pretrained is True:
-            weights = resolve_weights(spec)
-            verify_sha256(weights, spec.sha256, f"the registry row of {spec.name}")
+            weights, spec = resolve_verified_weights(spec, revision)
         else:
             weights, spec = _weights_from_path(Path(pretrained), spec)
         load_weights_into(model, load_state_dict_file(weights), str(weights))

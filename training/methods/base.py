@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -51,6 +51,40 @@ class SSLMethod(nn.Module):
     @property
     def feature_dim(self) -> int:
         return self.backbone.feature_dim
+
+
+def loss_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for half/bf16/fp32 inputs, fp64 kept (gradcheck): whitening, low-temperature softmax,
+    SVD and sorting networks lose too much in half precision."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def no_autocast(device: torch.device):
+    """A context with autocast off on `device`, so a loss runs in the dtype it chooses."""
+    device_type = device.type if torch.amp.is_autocast_available(device.type) else "cpu"
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+def forward_by_size(images: list[torch.Tensor], net: Callable[[torch.Tensor], Any]) -> list[Any]:
+    """`net` applied to every view, with one call per distinct crop size (views of equal size are
+    concatenated, so BatchNorm sees them together, and multi-crop costs one call per size).
+
+    `net` returns a tensor or a tuple of tensors; each view gets its rows of each, order preserved.
+    """
+    out: list[Any] = [None] * len(images)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, x in enumerate(images):
+        groups.setdefault(tuple(x.shape[1:]), []).append(i)
+    for idx in groups.values():
+        y = net(torch.cat([images[i] for i in idx], dim=0))
+        if isinstance(y, tuple):
+            parts = [t.chunk(len(idx), dim=0) for t in y]
+            for k, i in enumerate(idx):
+                out[i] = tuple(p[k] for p in parts)
+        else:
+            for i, chunk in zip(idx, y.chunk(len(idx), dim=0)):
+                out[i] = chunk
+    return out
 
 
 def momentum_copy(module: nn.Module) -> nn.Module:

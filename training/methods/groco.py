@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.distributed import gather_no_grad, gather_with_grad, rank
-from training.methods.base import SSLMethod
+from training.methods.base import SSLMethod, forward_by_size, loss_dtype, no_autocast
 from training.methods.heads import mlp
 from training.views import Views
 
@@ -90,14 +90,6 @@ def _check_sorter_size(topk_neg: int, n_pos: int) -> None:
             f"use topk_neg <= {MAX_SORTER_SIZE - n_pos} (the paper uses 10)")
 
 
-def _loss_dtype(x: torch.Tensor) -> torch.dtype:
-    # fp32 for the loss (fp16/bf16 soft permutations are too coarse); fp64 kept for gradcheck.
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _no_autocast(device: torch.device):
-    device_type = device.type if torch.amp.is_autocast_available(device.type) else "cpu"
-    return torch.autocast(device_type=device_type, enabled=False)
 
 
 def soft_permutation(sims: torch.Tensor, steepness: float = 1.0, sorters: SorterCache | None = None) -> torch.Tensor:
@@ -140,8 +132,8 @@ def _groco(views: list[torch.Tensor], topk_neg: int, steepness: float, n_global:
                          f"got n_global={n_global}")
     _check_sorter_size(topk_neg, n_global if n_global < n_views else n_global - 1)
     device = views[0].device
-    with _no_autocast(device):
-        zs = [F.normalize(v.to(_loss_dtype(v)), dim=1, eps=1e-8) for v in views]
+    with no_autocast(device):
+        zs = [F.normalize(v.to(loss_dtype(v)), dim=1, eps=1e-8) for v in views]
         b = zs[0].shape[0]
         total = zs[0].new_zeros(())
         q_pos_sum, correct = zs[0].new_zeros(()), zs[0].new_zeros(())
@@ -220,19 +212,7 @@ class GroCo(SSLMethod):
         self.projector[-2].bias.requires_grad_(False)
         self._sorters: SorterCache = {}  # not state: rebuilt on demand on the inputs' device
 
-    def _project(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Projector outputs per view, one backbone call per distinct crop size (order preserved)."""
-        out: list[torch.Tensor | None] = [None] * len(images)
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, x in enumerate(images):
-            groups.setdefault(tuple(x.shape[1:]), []).append(i)
-        for idx in groups.values():
-            z = self.projector(self.backbone(torch.cat([images[i] for i in idx], dim=0)))
-            for i, chunk in zip(idx, z.chunk(len(idx), dim=0)):
-                out[i] = chunk
-        return out  # type: ignore[return-value]
-
     def forward(self, batch: Views) -> tuple[torch.Tensor, dict[str, Any]]:
-        views = self._project(batch.views)
+        views = forward_by_size(batch.views, lambda x: self.projector(self.backbone(x)))
         loss, stats = _groco(views, self.topk_neg, self.steepness, self.n_global, self.stop_grad, self._sorters)
         return loss, {"loss": loss.detach(), **stats}

@@ -78,14 +78,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.distributed import gather_no_grad, world_size
-from training.methods.base import SSLMethod, ema_update, momentum_copy
+from training.methods.base import SSLMethod, ema_update, momentum_copy, no_autocast
 from training.methods.heads import mlp
 from training.views import Views
 
-
-def _no_autocast(device: torch.device):
-    device_type = device.type if torch.amp.is_autocast_available(device.type) else "cpu"
-    return torch.autocast(device_type=device_type, enabled=False)
 
 
 def isd_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, t_student: float,
@@ -107,7 +103,7 @@ def isd_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, t_student: f
                          f"{tuple(k.shape)}")
     if queue.dim() != 2 or queue.shape[1] != q.shape[1]:
         raise ValueError(f"isd_loss expects a queue [K, {q.shape[1]}], got {tuple(queue.shape)}")
-    with _no_autocast(q.device):
+    with no_autocast(q.device):
         dtype = torch.promote_types(torch.promote_types(q.dtype, queue.dtype), torch.float32)
         bank = queue.detach().to(dtype)
         q_hat = F.normalize(q.to(dtype), dim=1)
@@ -193,7 +189,7 @@ class ISD(SSLMethod):
         queue = self.queue.clone() if self.training else self.queue
         loss = isd_loss(q, k, queue, self.t_student, self.t_teacher)
         if self.training:
-            with _no_autocast(k.device):
+            with no_autocast(k.device):
                 keys = F.normalize(k.float(), dim=1)
             self._enqueue(gather_no_grad(keys))  # after the similarities: own keys never in own queue
         return loss, {"loss": loss.detach()}

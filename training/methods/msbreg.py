@@ -26,7 +26,8 @@ every reconstruction choice, and why:
    caption says "centroids of online and target network embeddings of different views").
 4. Singular-value loss: on the L2-normalised online projections of each view (the sphere the other
    two terms act on; uniform on the sphere <=> flat centred spectrum is a necessary condition),
-   centred over the batch, averaged over views. Form: L_sv = sum_i p_i^2 - 1/r with
+   centred over the batch (the global batch under DDP: gathered with gradient, so two ranks with half
+   batches match one process), averaged over views. Form: L_sv = sum_i p_i^2 - 1/r with
    p_i = s_i / sum_j s_j over the r = min(N - 1, D) leading singular values (the centred matrix has
    rank <= N - 1). It is 0 exactly for a flat spectrum and at most 1 - 1/r (rank one), bounded,
    smooth, scale-invariant, and its gradient on a vanished direction is finite and non-zero
@@ -38,12 +39,13 @@ every reconstruction choice, and why:
    the centroid term), applied to the online projections. The spec's sketch uses one epsilon per
    step for the whole batch; a fresh direction per sample is the Brownian reading (independent
    kicks per particle). Under DDP each rank takes its own slice of a [world * B, D] draw, so
-   directions are distinct across the global batch and still reproducible.
+   directions are distinct across the global batch, reproducible, and the single-process draw.
 6. Weights: lambda_sv = 1.0, lambda_bd = 0.1 are our defaults, not the paper's (unknown).
 7. Views of equal crop size go through a network in one call (BatchNorm statistics shared by
    those views), as for the zoo's other multi-view methods.
 8. Logged: each term, the total, and `effective_rank` of the normalised online projections of the
-   first view (uncentred, so a complete collapse reads 1 instead of the rank of rounding noise).
+   first view over the (global) batch (uncentred, so a complete collapse reads 1 instead of the
+   rank of rounding noise).
 """
 
 from __future__ import annotations
@@ -54,8 +56,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.distributed import rank, world_size
-from training.methods.base import SSLMethod, cosine_momentum, ema_update, momentum_copy
+from training.distributed import gather_with_grad, rank, world_size
+from training.methods.base import (SSLMethod, cosine_momentum, ema_update, forward_by_size, momentum_copy,
+                                   no_autocast)
 from training.methods.heads import mlp
 from training.views import Views
 
@@ -64,10 +67,6 @@ def _fp(x: torch.Tensor) -> torch.Tensor:
     # fp32 for the losses (svdvals has no half kernels); fp64 kept for gradcheck.
     return x if x.dtype == torch.float64 else x.float()
 
-
-def _no_autocast(device: torch.device):
-    device_type = device.type if torch.amp.is_autocast_available(device.type) else "cpu"
-    return torch.autocast(device_type=device_type, enabled=False)
 
 
 def centroid_loss(online_preds: list[torch.Tensor], target_projs: list[torch.Tensor]) -> torch.Tensor:
@@ -92,13 +91,15 @@ def singular_value_loss(z: torch.Tensor, center: bool = True, normalize: bool = 
     exactly when those r are equal (flat spectrum: decorrelated dimensions of equal variance) and
     1 - 1/r for rank one. Computed in fp32 (fp64 stays fp64) outside autocast.
     """
-    with _no_autocast(z.device):
+    with no_autocast(z.device):
         z = _fp(z)
         if normalize:
             z = F.normalize(z, dim=1)
         if center:
             z = z - z.mean(0, keepdim=True)
         r = min(z.shape[0] - int(center), z.shape[1])
+        if r < 1:
+            raise ValueError(f"singular_value_loss needs at least 2 rows (centred), got z of shape {tuple(z.shape)}")
         s = torch.linalg.svdvals(z)[:r]
         p = s / (s.sum() + eps)
         return (p * p).sum() - 1.0 / r
@@ -132,7 +133,7 @@ def effective_rank(z: torch.Tensor, center: bool = False, eps: float = 1e-12) ->
     min(N, D) for a flat spectrum, 1 for rank one. Uncentred by default: complete collapse (all rows
     equal) then reads 1, whereas centring would leave only rounding noise to measure.
     """
-    with _no_autocast(z.device):
+    with no_autocast(z.device):
         z = _fp(z)
         if center:
             z = z - z.mean(0, keepdim=True)
@@ -165,41 +166,30 @@ class MSBReg(SSLMethod):
         self.target_backbone = momentum_copy(backbone)
         self.target_projector = momentum_copy(self.projector)
 
-    @staticmethod
-    def _by_size(images: list[torch.Tensor], *nets: nn.Module) -> list[list[torch.Tensor]]:
-        """Per view, the outputs of the chain `nets` after each stage but the first (backbone).
-
-        One call per distinct crop size (views of equal size concatenated), order preserved.
-        """
-        out: list[list[torch.Tensor]] = [[] for _ in images]
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, x in enumerate(images):
-            groups.setdefault(tuple(x.shape[1:]), []).append(i)
-        for idx in groups.values():
-            y = nets[0](torch.cat([images[i] for i in idx], dim=0))
-            for net in nets[1:]:
-                y = net(y)
-                for i, chunk in zip(idx, y.chunk(len(idx), dim=0)):
-                    out[i].append(chunk)
-        return out
+    def _online(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.projector(self.backbone(x))
+        return z, self.predictor(z)
 
     def forward(self, batch: Views) -> tuple[torch.Tensor, dict[str, Any]]:
         if len(batch.views) < 2:
             raise ValueError(f"MSBReg needs at least 2 views per image, got {len(batch.views)}")
-        z, q = zip(*self._by_size(batch.views, self.backbone, self.projector, self.predictor))
+        z, q = map(list, zip(*forward_by_size(batch.views, self._online)))
         with torch.no_grad():
-            t = [out[0] for out in self._by_size(batch.views, self.target_backbone, self.target_projector)]
+            t = forward_by_size(batch.views, lambda x: self.target_projector(self.target_backbone(x)))
 
         b, d = z[0].shape
         # One direction per image of the global batch; this rank takes its slice (distinct, reproducible).
         dirs = random_directions(world_size() * b, d, batch.generator, device=z[0].device)[rank() * b:(rank() + 1) * b]
-        with _no_autocast(z[0].device):
+        # The spectrum is a statistic of the whole batch: under DDP every rank computes it on the gathered
+        # global batch (gather_with_grad's backward + DDP averaging give the single-process gradient).
+        z_all = [gather_with_grad(zk) for zk in z]
+        with no_autocast(z[0].device):
             l_c = centroid_loss(q, t)
-            l_sv = torch.stack([singular_value_loss(zk, normalize=True) for zk in z]).mean()
+            l_sv = torch.stack([singular_value_loss(zk, normalize=True) for zk in z_all]).mean()
             l_bd = torch.stack([brownian_loss(zk, dirs) for zk in z]).mean()
             loss = l_c + self.lambda_sv * l_sv + self.lambda_bd * l_bd
             with torch.no_grad():
-                erank = effective_rank(F.normalize(_fp(z[0]), dim=1))
+                erank = effective_rank(F.normalize(_fp(z_all[0].detach()), dim=1))
         logs = {"loss": loss.detach(), "centroid": l_c.detach(), "sv": l_sv.detach(), "brownian": l_bd.detach(),
                 "effective_rank": erank}
         return loss, logs

@@ -33,14 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.distributed import gather_with_grad
-from training.methods.base import SSLMethod
+from training.methods.base import SSLMethod, loss_dtype
 from training.methods.heads import mlp
 from training.views import Views
 
-
-def _loss_dtype(x: torch.Tensor) -> torch.dtype:
-    """fp32 for half/bf16 inputs, float64 kept (gradcheck)."""
-    return torch.promote_types(x.dtype, torch.float32)
 
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -61,7 +57,7 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torc
                          f"and {tuple(z2.shape)}")
     n = z1.shape[0]
     with torch.autocast(device_type=z1.device.type, enabled=False):
-        dtype = _loss_dtype(z1)
+        dtype = loss_dtype(z1)
         u = F.normalize(torch.cat([z1, z2]).to(dtype), dim=1)
         logits = (u @ u.T) / temperature
         self_mask = torch.eye(2 * n, dtype=torch.bool, device=u.device)

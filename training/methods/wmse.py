@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.distributed import gather_with_grad
-from training.methods.base import SSLMethod
+from training.methods.base import SSLMethod, loss_dtype, no_autocast
 from training.methods.heads import mlp
 from training.views import Views
 from zoo.errors import ZooError
@@ -58,14 +58,6 @@ class WhiteningError(ZooError, FloatingPointError):
     """The covariance of a sub-batch is not positive definite: Cholesky whitening is impossible."""
 
 
-def _whiten_dtype(x: torch.Tensor) -> torch.dtype:
-    # fp64 kept for gradcheck; fp16/bf16/fp32 -> fp32 (Cholesky needs it, spec 1.9).
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _no_autocast(device: torch.device):
-    device_type = device.type if torch.amp.is_autocast_available(device.type) else "cpu"
-    return torch.autocast(device_type=device_type, enabled=False)
 
 
 def whiten(x: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
@@ -83,8 +75,8 @@ def whiten(x: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
     n, d = x.shape[-2], x.shape[-1]
     if n < 2:
         raise ValueError(f"whiten needs at least 2 rows per sub-batch for an unbiased covariance, got {n}")
-    with _no_autocast(x.device):
-        x = x.to(_whiten_dtype(x))
+    with no_autocast(x.device):
+        x = x.to(loss_dtype(x))
         xc = x - x.mean(dim=-2, keepdim=True)
         cov = xc.mT @ xc / (n - 1)
         eye = torch.eye(d, dtype=x.dtype, device=x.device)
@@ -148,8 +140,8 @@ def wmse_loss(views: Sequence[torch.Tensor], w_size: int, w_iter: int = 1, eps: 
                          f"that is a multiple of w_size (or a w_size dividing it, still >= 2*emb={2 * emb})")
     device = views[0].device
     perms = _draw_perms(n, w_iter, perms, generator, device)
-    with _no_autocast(device):
-        h = torch.stack([v.to(_whiten_dtype(v)) for v in views])  # [d, N, emb]
+    with no_autocast(device):
+        h = torch.stack([v.to(loss_dtype(v)) for v in views])  # [d, N, emb]
         idx = perms.reshape(-1, w_size)  # [T*S, w]: every sub-batch of every iteration
         sub = h[:, idx]  # [d, T*S, w, emb]
         z = whiten(sub.reshape(-1, w_size, emb), eps).reshape(sub.shape)

@@ -1,0 +1,290 @@
+"""`zoo export` (checkpoint -> model_cards/NAME/, the Hub repository's exact content) and `zoo publish`.
+
+Export writes into a temp folder beside the destination and renames it into place only when every
+file is written and checked (ONNX parity, a reload through `zoo.load`), so an interrupted export
+leaves no half-written folder; only then is the registry row (`zoo/pretrained.json`) updated.
+Publish uploads such a folder with huggingface_hub (`create_repo(exist_ok=True)` + `upload_folder`);
+the token comes from huggingface_hub's usual sources (HF_TOKEN, `hf auth login`) and is never printed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from export.checkpoint import ExportError, Results, TrainedCheckpoint, read_checkpoint, read_results, RESULTS_FILE
+from export.safetensors_io import FORMAT_VERSION, load_backbone, save_backbone
+from zoo.errors import ZooError
+
+log = logging.getLogger("export")
+
+WEIGHTS_FILE = "model.safetensors"
+ONNX_FILE = "model.onnx"
+CONFIG_FILE = "config.json"
+CARD_FILE = "README.md"
+REPO_FILES = (WEIGHTS_FILE, CONFIG_FILE, ONNX_FILE, CARD_FILE)
+
+N_RANDOM = 17  # checked in batches of 16: 16 + 1, so a batch of one runs too (dynamic batch axis)
+N_REAL = 64
+
+
+def _full_spec(name: str) -> Any:
+    """The registry row `name`, which must be a full `{method}-{arch}.{tag}` name."""
+    from zoo.registry import get_spec, registry
+
+    spec = get_spec(name)  # unknown names fail here with a suggestion
+    if spec.name != name or name not in registry():
+        raise ExportError(f"export needs a full registry name, e.g. {spec.name!r} for {name!r}; `zoo list` lists them")
+    return spec
+
+
+def check_compatible(spec: Any, ckpt: TrainedCheckpoint) -> None:
+    """The checkpoint must have been trained as the registry row says (arch, method, dataset tag)."""
+    from training.data import DATASET_TAGS
+
+    if ckpt.arch != spec.arch:
+        raise ExportError(f"{ckpt.path} was trained with arch {ckpt.arch!r} but {spec.name} is {spec.arch!r}; export "
+                          f"it under a {ckpt.arch} name ({spec.method}-{ckpt.arch}.{spec.tag})")
+    if ckpt.method != spec.method:
+        raise ExportError(f"{ckpt.path} was trained with method {ckpt.method!r} but {spec.name} is {spec.method!r}; "
+                          f"export it under a {ckpt.method} name")
+    tag = DATASET_TAGS.get(ckpt.dataset or "")
+    if tag != spec.tag:
+        raise ExportError(f"{ckpt.path} was trained on {ckpt.dataset!r} (tag {tag!r}) but {spec.name} is tagged "
+                          f"{spec.tag!r}; export it under a .{tag} name")
+    if ckpt.dataset == "synthetic":
+        log.warning("%s was trained on synthetic images: its model card says so; do not publish it as %s",
+                    ckpt.path, spec.name)
+
+
+def parity_inputs(spec: Any) -> dict[str, torch.Tensor]:
+    """Inputs for the ONNX check: random ones, and real images where the data is on this machine."""
+    size = spec.input_size
+    gen = torch.Generator().manual_seed(0)
+    inputs = {"random": torch.randn(N_RANDOM, 3, size, size, generator=gen)}
+    if spec.tag == "fmnist":
+        from zoo.datasets import load_fashion_mnist
+        from zoo.preprocess import Preprocess
+
+        images, _ = load_fashion_mnist("test")  # missing data: a one-line error naming the apt package
+        inputs["Fashion-MNIST test"] = Preprocess.from_spec(spec)(images[:N_REAL, None])
+    else:  # no dataset here: images with the value range of real ones (uniform pixels, normalised)
+        mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+        std = torch.tensor(spec.std).view(1, 3, 1, 1)
+        inputs["uniform-pixel"] = (torch.rand(N_RANDOM, 3, size, size, generator=gen) - mean) / std
+    return inputs
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def record_pretrained(name: str, entry: dict[str, Any]) -> None:
+    """Write `entry` as `name`'s row in zoo/pretrained.json (atomically) and reload the registry."""
+    from zoo import registry
+
+    path = Path(registry.PRETRAINED_JSON)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[name] = entry
+    _atomic_write_text(path, json.dumps(dict(sorted(data.items())), indent=2) + "\n")
+    registry.reload()
+
+
+def _clean_stale(parent: Path, name: str) -> None:
+    """Temp folders of exports of `name` that were killed (SIGKILL skips every cleanup)."""
+    for stale in parent.glob(f".{name}.export-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _install(tmp: Path, final: Path) -> None:
+    """Rename the finished folder into place; an existing one is swapped out first, then removed."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass
+class ExportResult:
+    folder: Path
+    spec: Any
+    parity: dict[str, tuple[int, float]]
+
+
+def export_model(checkpoint: str | os.PathLike, name: str, *, results: str | os.PathLike | None = None,
+                 fp16: bool = False, out_dir: str | os.PathLike | None = None, opset: int = 17, atol: float = 1e-4,
+                 force: bool = False, update_registry: bool = True) -> ExportResult:
+    """Write `<out_dir or model_cards/>/<name>/` from a trainer checkpoint and record it in the registry.
+
+    `results` is the evaluation's results.json (default: results.json beside the checkpoint; absent
+    means "not measured"). `fp16` stores the weights in half precision (they load back as fp32).
+    """
+    from export.card import ExportFacts, build_card
+    from zoo import onnx as zoo_onnx
+    from zoo.backbones import create_backbone
+    from zoo.hub import model_cards_dir, sha256_file
+    from zoo.load import load, load_weights_into
+
+    spec = _full_spec(name)
+    ckpt = read_checkpoint(checkpoint)
+    check_compatible(spec, ckpt)
+    measured: Results = read_results(results if results is not None else ckpt.path.parent / RESULTS_FILE)
+    if results is not None and measured.source is None:
+        raise ExportError(f"results file {results} does not exist; pass the results.json the evaluation wrote, "
+                          f"or omit --results to export without measured numbers")
+    model = create_backbone(spec.arch)
+    load_weights_into(model, ckpt.backbone, str(ckpt.path))  # strict: names every missing or mis-shaped key
+
+    root = Path(out_dir) if out_dir is not None else model_cards_dir()
+    final = root / name
+    if final.exists() and not force:
+        raise ExportError(f"{final} already exists; pass --force (force=True) to replace it")
+    root.mkdir(parents=True, exist_ok=True)
+    _clean_stale(root, name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.export-", dir=root))
+    try:
+        dtype = "float16" if fp16 else "float32"
+        weights = tmp / WEIGHTS_FILE
+        save_backbone(model.state_dict(), weights, dtype=dtype,
+                      metadata={"name": name, "arch": spec.arch, "method": spec.method,
+                                "recipe_hash": ckpt.recipe_hash})
+        sha = sha256_file(weights)
+
+        # Everything downstream is checked against what the file holds (fp16 rounding included).
+        published = create_backbone(spec.arch)
+        state, _ = load_backbone(weights)
+        load_weights_into(published, state, str(weights))
+        published.eval()
+        published.spec = spec
+
+        onnx_path = zoo_onnx.export_onnx(published, tmp / ONNX_FILE, spec.input_size, opset=opset)
+        parity = {}
+        for kind, inputs in parity_inputs(spec).items():
+            batch = 16 if kind == "random" else 64
+            parity[kind] = (int(inputs.shape[0]), zoo_onnx.check_onnx_parity(published, onnx_path, inputs, atol=atol,
+                                                                              batch_size=batch))
+
+        row = replace(spec, sha256=sha, metrics=dict(measured.metrics), train_minutes=measured.train_minutes,
+                      has_weights=True,
+                      extra={**spec.extra, "recipe_hash": ckpt.recipe_hash, "weights_dtype": dtype,
+                             "format_version": FORMAT_VERSION, "steps": ckpt.step, "epochs": ckpt.epoch,
+                             "onnx": {"file": ONNX_FILE, "opset": opset, "input": "images", "output": "features",
+                                      "max_abs_diff": {k: v[1] for k, v in parity.items()}}})
+        (tmp / CONFIG_FILE).write_text(json.dumps(row.to_dict(), indent=2) + "\n")
+        facts = ExportFacts(sha256=sha, weights_dtype=dtype, onnx_opset=opset, parity=parity,
+                            weights_bytes=weights.stat().st_size, onnx_bytes=onnx_path.stat().st_size)
+        build_card(row, ckpt, measured, facts).save(tmp / CARD_FILE)
+
+        # The folder as users will load it: config.json's sha256 checked, strict keys, same features.
+        reloaded = load(name, pretrained=tmp, device="cpu")
+        probe = torch.randn(4, 3, spec.input_size, spec.input_size, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            if not torch.equal(reloaded(probe), published(probe)):
+                raise ExportError(f"{tmp} does not reload to the exported model; report this with the checkpoint")
+        _install(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # also on Ctrl-C: never leave a half-written folder
+        raise
+    if update_registry:
+        record_pretrained(name, {"sha256": sha, "metrics": dict(measured.metrics),
+                                 "train_minutes": measured.train_minutes, "has_weights": True})
+    log.debug("exported %s to %s (sha256 %s..., ONNX max |diff| %s)", name, final, sha[:12],
+             ", ".join(f"{k} {v[1]:.1e}" for k, v in parity.items()))
+    return ExportResult(folder=final, spec=row, parity=parity)
+
+
+# ---------------------------------------------------------------- publish
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+@dataclass
+class PublishResult:
+    repo_id: str
+    commit: str | None
+    url: str | None
+
+
+def check_folder(folder: str | os.PathLike) -> dict[str, Any]:
+    """A folder written by `zoo export`: every file present, weights matching config.json's sha256."""
+    from zoo.hub import sha256_file
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ExportError(f"{folder} is not a folder; pass model_cards/NAME as written by `zoo export`")
+    missing = [f for f in REPO_FILES if not (folder / f).is_file()]
+    if missing:
+        raise ExportError(f"{folder} lacks {', '.join(missing)}; write it with `zoo export CHECKPOINT --name NAME`")
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{folder / CONFIG_FILE} is not valid JSON ({e}); export the model again") from e
+    if not config.get("sha256") or sha256_file(folder / WEIGHTS_FILE) != config["sha256"]:
+        raise ExportError(f"{folder / WEIGHTS_FILE} does not match the sha256 in {CONFIG_FILE}; export the model "
+                          f"again before publishing")
+    return config
+
+
+def publish_folder(folder: str | os.PathLike, repo_id: str | None = None, *, private: bool = False,
+                   revision: str | None = None, commit_message: str | None = None, token: str | bool | None = None,
+                   endpoint: str | None = None) -> PublishResult:
+    """Upload an exported folder to a Hub model repository (created if missing) and return the commit.
+
+    `repo_id` defaults to config.json's `hub_repo`; `revision` is a branch (created from main if
+    missing). `token` None uses huggingface_hub's usual sources.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    folder = Path(folder)
+    config = check_folder(folder)
+    repo_id = repo_id or config.get("hub_repo")
+    if not repo_id or not _REPO_ID.match(repo_id):
+        raise ExportError(f"--repo-id must be ORG/NAME (e.g. {config.get('hub_repo') or 'ssl-zoo/' + folder.name}), "
+                          f"got {repo_id!r}")
+    if revision is not None and (_COMMIT.match(revision) or not revision.strip()):
+        raise ExportError(f"--revision must be a branch name to commit to, got {revision!r}")
+    if config.get("hub_repo") and repo_id != config["hub_repo"]:
+        log.warning("publishing %s to %s: zoo.load(%r) pulls from %s; pass pretrained=PATH or publish there",
+                    config.get("name"), repo_id, config.get("name"), config["hub_repo"])
+    # Built per call, so the endpoint is read now (HF_ENDPOINT / constants.ENDPOINT), not at import time.
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision is not None and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        info = api.upload_folder(
+            repo_id=repo_id, folder_path=folder, revision=revision, repo_type="model",
+            allow_patterns=list(REPO_FILES),  # only the exported files, never stray temp or editor files
+            commit_message=commit_message or f"Publish {config.get('name', folder.name)} "
+                                             f"(sha256 {config['sha256'][:12]})")
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", "?")
+        hint = ("log in with `hf auth login` or set HF_TOKEN to a token with write access"
+                if status in (401, 403) else "check the repo id and your network, then retry")
+        raise ZooError(f"publishing {folder} to {repo_id} failed (HTTP {status}: "
+                       f"{str(e).splitlines()[0][:160]}); {hint}") from e
+    commit = getattr(info, "oid", None)
+    return PublishResult(repo_id=repo_id, commit=commit, url=getattr(info, "commit_url", None))

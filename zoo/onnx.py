@@ -1,0 +1,152 @@
+"""ONNX export of a backbone, an onnxruntime session for it, and a parity check against PyTorch.
+
+The exported graph has one input and one output, the same for every arch:
+
+- `images`: float32 `[N, 3, S, S]`, already preprocessed (resize, centre crop, scale to [0, 1], grayscale
+  repeated to 3 channels, normalised with the model's mean/std: what `model.preprocess` returns);
+- `features`: float32 `[N, D]`, the pooled backbone features (`model(images)`).
+
+The batch axis `N` is dynamic; `S` is fixed at export time. onnx and onnxruntime are optional
+dependencies (`pip install 'ssl-zoo[onnx]'`), imported only when these functions run.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from zoo.errors import ZooError, require
+
+log = logging.getLogger("zoo")
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "features"
+MIN_OPSET = 17
+
+
+class OnnxParityError(ZooError, ValueError):
+    """The ONNX graph and the PyTorch module disagree beyond the tolerance."""
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: int, opset: int = 17) -> Path:
+    """Write `model` as an ONNX graph (`images [N,3,S,S]` -> `features [N,D]`, dynamic N) to `path`.
+
+    The file appears only once it is complete and passes `onnx.checker` (temp file + rename).
+    """
+    onnx = require("onnx", "onnx", "ONNX export")
+    if int(opset) < MIN_OPSET:
+        raise ValueError(f"opset {opset} is too old for ssl-zoo's ONNX files; pass opset >= {MIN_OPSET}")
+    if int(input_size) < 8:
+        raise ValueError(f"input_size must be the model's input side in pixels (e.g. spec.input_size), "
+                         f"got {input_size}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Export a CPU copy in eval mode: BatchNorm must use its running stats, and the caller's module
+    # (device, train/eval state) is left as it was.
+    cpu_model = copy.deepcopy(model).float().cpu().eval()
+    dummy = torch.zeros(2, 3, int(input_size), int(input_size))
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            # The TorchScript-based exporter needs no onnxscript (not in the [onnx] extra) and traces
+            # these plain ResNets exactly; its deprecation and tracer notices are expected here.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                cpu_model, (dummy,), str(tmp), dynamo=False, opset_version=int(opset),
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                do_constant_folding=True,
+            )
+        proto = onnx.load(str(tmp))
+        proto.doc_string = (f"ssl-zoo backbone. Input '{INPUT_NAME}': float32 [N, 3, {input_size}, {input_size}], "
+                            f"normalised. Output '{OUTPUT_NAME}': float32 [N, D] pooled features.")
+        spec = getattr(model, "spec", None)
+        meta = {"producer": "ssl-zoo", "input_layout": "NCHW", "input_size": str(input_size)}
+        if spec is not None:  # preprocessing constants for onnxruntime-only users
+            meta.update(name=spec.name, mean=",".join(map(str, spec.mean)), std=",".join(map(str, spec.std)),
+                        resize_size=str(spec.resize_size), interpolation=spec.interpolation)
+        for key, value in meta.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.checker.check_model(proto, full_check=True)
+        onnx.save(proto, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _cuda_available(ort: Any) -> bool:
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def onnx_session(path: str | os.PathLike, device: str | torch.device | None = None) -> Any:
+    """An onnxruntime `InferenceSession` for `path`: the CUDA provider when available, else the CPU.
+
+    `device` is None or "cuda[:K]" (CUDA if this onnxruntime has it, else CPU with a warning for an
+    explicit "cuda"), or "cpu".
+    """
+    ort = require("onnxruntime", "onnx", "the onnxruntime backend")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX file {path} does not exist; write it with `zoo export` or "
+                                f"zoo.onnx.export_onnx(model, path, input_size)")
+    try:
+        dev = torch.device(device) if device is not None else None
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be None, 'cpu' or 'cuda[:K]', got {str(device)!r}") from e
+    if dev is None:
+        use_cuda, index = _cuda_available(ort), 0
+    elif dev.type == "cpu":
+        use_cuda, index = False, 0
+    elif dev.type == "cuda":
+        use_cuda, index = _cuda_available(ort), dev.index or 0
+        if not use_cuda:  # CPU still gives the right features: say how to get the GPU, don't fail
+            log.warning("onnxruntime has no CUDA provider here: running %s on the CPU; install onnxruntime-gpu "
+                        "(pip install 'ssl-zoo[gpu]') for device=%r", path.name, str(device))
+    else:
+        raise ValueError(f"device must be None, 'cpu' or 'cuda[:K]', got {str(device)!r}")
+    providers: list[Any] = [("CUDAExecutionProvider", {"device_id": index})] if use_cuda else []
+    providers.append("CPUExecutionProvider")
+    return ort.InferenceSession(str(path), providers=providers)
+
+
+@torch.no_grad()
+def check_onnx_parity(model: nn.Module, path: str | os.PathLike, inputs: torch.Tensor, atol: float = 1e-4,
+                      batch_size: int = 64) -> float:
+    """Max |ONNX - PyTorch| over `inputs` (`[N,3,S,S]` float32); raises `OnnxParityError` above `atol`.
+
+    Both sides run in fp32 on the CPU, so TF32 or GPU kernels cannot blur the comparison.
+    """
+    if inputs.dim() != 4 or inputs.shape[1] != 3:
+        raise ValueError(f"inputs must be preprocessed images [N, 3, S, S], got shape {tuple(inputs.shape)}")
+    session = onnx_session(path, device="cpu")
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    reference = (model if on_cpu else copy.deepcopy(model).cpu())
+    was_training = reference.training
+    reference.eval()
+    worst = 0.0
+    try:
+        for chunk in inputs.float().cpu().split(batch_size):
+            expected = reference(chunk).float().numpy()
+            got = session.run([OUTPUT_NAME], {INPUT_NAME: chunk.numpy()})[0]
+            if got.shape != expected.shape:
+                raise OnnxParityError(f"ONNX model {path} returns shape {got.shape}, PyTorch {expected.shape}; "
+                                      f"re-export it from this model with zoo.onnx.export_onnx")
+            worst = max(worst, float(abs(got - expected).max()) if got.size else 0.0)
+    finally:
+        reference.train(was_training)
+    if not worst <= atol:  # also catches NaN
+        raise OnnxParityError(f"ONNX model {path} differs from PyTorch by max |diff| {worst:.3g} > atol {atol:g} "
+                              f"on {inputs.shape[0]} inputs; re-export it from these weights (opset >= {MIN_OPSET})")
+    return worst
