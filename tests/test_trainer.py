@@ -138,16 +138,21 @@ def test_sigkill_mid_epoch_then_resume_repeats_the_uninterrupted_losses(tmp_path
 
 
 def _shrunk(recipe: dict) -> dict:
-    """The recipe on generated 28 px images, crops scaled to <= 32 px, 2 steps: cheap enough for CI."""
+    """The recipe on generated 28 px images, crops scaled to <= 32 px (ImageNet stems need that much to keep BN sane), 2 steps: cheap enough for CI."""
     biggest = max(v.get("crop_size", 32) for v in recipe["augment"]["views"])
     for view in recipe["augment"]["views"]:
-        view["crop_size"] = max(8, round(view.get("crop_size", 32) * min(1.0, 32 / biggest)))
+        view["crop_size"] = max(24, round(view.get("crop_size", 32) * min(1.0, 32 / biggest)))
         view.pop("blur_kernel", None)
     method = recipe["method"]
-    batch = max(16, int(method.get("w_size", 0)))
-    recipe["data"] = {"dataset": "synthetic", "size": batch, "test_size": 32, "batch_size": batch, "workers": 0}
+    if "w_size" in method:  # W-MSE: the smallest valid whitening (w_size = 2 x emb), not 4 x 256 views per step
+        method.update(emb=8, w_size=16)
+    batch = 16
+    recipe["data"] = {"dataset": "synthetic", "size": 2 * batch, "test_size": 32, "batch_size": batch, "workers": 0}
     recipe["train"].update(max_steps=2, checkpoint_every=1000, log_every=1, compile=False)
     recipe["eval"] = {"knn_every": 0, "knn_bank": 32, "knn_queries": 32}
+    # ImageNet archs on 32 px crops end in 1x1 maps, where the papers' learning rates blow up in a step or
+    # two (GroCo's 24 did here): this test is about building and stepping, not about those rates.
+    recipe["optim"]["lr"] = float(recipe["optim"]["lr"]) * 1e-3
     if "queue_size" in method:
         method["queue_size"] = 4 * batch
     return recipe
