@@ -14,6 +14,27 @@ from zoo.registry import METHODS, ModelSpec, get_spec, list_models
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # Lazy: `import zoo` must not pull in faiss / onnxruntime (nor DataLoader machinery) until used.
+    if name == "embed":
+        import zoo.embed as module
+
+        # The submodule zoo.embed shares the function's name: importing it set the package attribute
+        # to the module, so put the function back (the module is callable too, for the other order).
+        globals()["embed"] = module.embed
+        return module.embed
+    if name == "Embeddings":
+        from zoo.embed import Embeddings
+
+        return Embeddings
+    if name == "Index":
+        from zoo.index import Index
+
+        return Index
+    raise AttributeError(f"module 'zoo' has no attribute {name!r}")
+
+
 __all__ = ["ARCHS", "METHODS", "ModelSpec", "create_backbone", "get_spec", "list_models", "load", "ZooError",
            "UnknownNameError", "WeightsNotAvailableError", "CheckpointMismatchError", "IntegrityError",
-           "MissingDependencyError"]
+           "MissingDependencyError", "embed", "Embeddings", "Index"]

@@ -82,15 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_train)
 
-    bench = sub.add_parser("bench", help="benchmarks: ratios measured side by side in one run")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    from zoo.commands import register as register_embedding_commands
+
+    bench_sub = register_embedding_commands(sub)  # embed, index, search, eval, bench {embed, index}
     p = bench_sub.add_parser("train", help="per method at its Fashion-MNIST recipe: img/s, augment and loss shares")
     p.add_argument("methods", nargs="*", help="default: all methods")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--dataset", default=None, help="e.g. synthetic (tiny smoke runs)")
     p.set_defaults(func=_cmd_bench_train)
-    parser._bench_sub = bench_sub  # other modules add their benchmarks to the same group
 
     from export.cli import register as register_export
 

@@ -1,13 +1,11 @@
-"""The README's main job: load a shipped model, embed Fashion-MNIST, index, search, report."""
+"""The README's main job: load a shipped model, embed Fashion-MNIST, index, search, report, draw."""
 
 from __future__ import annotations
 
 import time
-
-import torch
+from pathlib import Path
 
 from zoo.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
-from zoo.eval import knn_accuracy
 from zoo.load import load
 from zoo.registry import list_models, registry
 
@@ -19,18 +17,23 @@ def best_shipped_model(pattern: str = "*.fmnist") -> str | None:
     return max(specs, key=lambda s: s.metrics["knn_k20"]).name if specs else None
 
 
-@torch.inference_mode()
-def _embed(model, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    device = next(model.parameters()).device
-    feats = [model(model.preprocess(chunk[:, None]).to(device)).float().cpu() for chunk in images.split(batch_size)]
-    return torch.nn.functional.normalize(torch.cat(feats), dim=1)
+def run_demo(model_name: str | None = None, n_database: int = 10000, n_queries: int = 5, k: int = 8,
+             grid_path: str | Path = "zoo-demo-retrieval.png", progress: bool = True) -> int:
+    """Embed `n_database` training images and the 10k test images, index them, print neighbours and
+    the weighted k-NN accuracy (cosine, k=20, T=0.07), and write a retrieval grid PNG."""
+    import torch
 
+    from zoo.embed import embed
+    from zoo.eval import knn_accuracy
+    from zoo.grid import GridRow, retrieval_grid
+    from zoo.index import Index
 
-def run_demo(model_name: str | None = None, n_database: int = 10000, n_queries: int = 5) -> int:
     name = model_name or best_shipped_model()
     if name is None:
         name = "wmse-resnet18_narrow.fmnist"
-        print(f"no Fashion-MNIST weights are shipped yet: using {name} with random weights (pretrained=False)")
+        print(f"no Fashion-MNIST weights are shipped yet: using {name} with random weights (pretrained=False); "
+              f"its numbers say what an untrained network gives")
+        torch.manual_seed(0)
         model = load(name, pretrained=False)
     else:
         model = load(name)
@@ -39,26 +42,26 @@ def run_demo(model_name: str | None = None, n_database: int = 10000, n_queries: 
     test_x, test_y = load_fashion_mnist("test")
     db_x, db_y = train_x[:n_database], train_y[:n_database]
     t0 = time.time()
-    db = _embed(model, db_x)
-    queries = _embed(model, test_x)
+    db = embed(model, db_x, progress=progress)
+    queries = embed(model, test_x, progress=progress)
     dt = time.time() - t0
-    print(f"embedded {db.shape[0] + queries.shape[0]} images in {dt:.1f} s: database {tuple(db.shape)}, "
-          f"queries {tuple(queries.shape)}")
-    try:
-        import faiss
-
-        index = faiss.IndexFlatIP(db.shape[1])
-        index.add(db.numpy())
-        sims, idx = index.search(queries[:n_queries].numpy(), 5)
-        sims, idx = torch.from_numpy(sims), torch.from_numpy(idx)
-        backend = "faiss IndexFlatIP"
-    except ImportError:
-        sims, idx = (queries[:n_queries] @ db.T).topk(5, dim=1)
-        backend = "torch (faiss not installed: pip install faiss-cpu)"
-    print(f"nearest neighbours ({backend}, cosine):")
+    n = len(db) + len(queries)
+    print(f"embedded {n} images in {dt:.1f} s ({n / dt:.0f} img/s): database {tuple(db.features.shape)}, "
+          f"queries {tuple(queries.features.shape)}")
+    index = Index(db.features.shape[1], metric="cosine", kind="flat", model=model.spec.name)
+    index.add(db.features, db.ids, labels=[FASHION_MNIST_CLASSES[int(y)] for y in db_y])
+    sims, ids = index.search(queries.features[:n_queries], k)
+    print(f"nearest neighbours (FAISS {index.factory}, cosine):")
+    rows = []
     for q in range(n_queries):
-        neighbours = ", ".join(f"{FASHION_MNIST_CLASSES[int(db_y[i])]} {s:.2f}" for i, s in zip(idx[q], sims[q]))
-        print(f"  query {q} [{FASHION_MNIST_CLASSES[int(test_y[q])]}] -> {neighbours}")
-    acc = knn_accuracy(db, db_y, queries, test_y, k=20, temperature=0.07)
-    print(f"weighted k-NN (k=20, T=0.07) top-1 on the Fashion-MNIST test set, {n_database}-image database: {acc:.2f}%")
+        labels = index.labels_of(ids[q])
+        neighbours = ", ".join(f"{lab} {s:.2f}" for lab, s in zip(labels[:5], sims[q][:5]))
+        qlabel = FASHION_MNIST_CLASSES[int(test_y[q])]
+        print(f"  query {q} [{qlabel}] -> {neighbours}")
+        rows.append(GridRow(test_x[q], [db_x[int(i)] for i in ids[q]], sims[q].tolist(), qlabel, labels))
+    acc = knn_accuracy(db.features, db_y, queries.features, test_y, k=20, temperature=0.07)
+    print(f"weighted k-NN (cosine, k=20, T=0.07) top-1 on the Fashion-MNIST test set, {n_database}-image "
+          f"database: {acc:.2f}%")
+    path = retrieval_grid(rows, grid_path)
+    print(f"retrieval grid: {path.resolve()}")
     return 0
