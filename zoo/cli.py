@@ -56,7 +56,7 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from zoo.demo import run_demo
 
-    return run_demo(args.model, n_queries=args.queries)
+    return run_demo(args.model, n_queries=args.queries, grid_path=args.grid)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job: load a shipped model, embed Fashion-MNIST, search, report")
     p.add_argument("--model", default=None, help="model name (default: the best shipped Fashion-MNIST model)")
     p.add_argument("--queries", type=int, default=5)
+    p.add_argument("--grid", default="zoo-demo-retrieval.png", help="where to write the retrieval picture (PNG)")
     p.set_defaults(func=_cmd_demo)
     return parser
 
