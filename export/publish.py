@@ -23,6 +23,7 @@ import torch
 
 from export.checkpoint import ExportError, Results, TrainedCheckpoint, read_checkpoint, read_results, RESULTS_FILE
 from export.safetensors_io import FORMAT_VERSION, load_backbone, save_backbone
+from zoo.fsutil import atomic_write_text
 from zoo.errors import ZooError
 
 log = logging.getLogger("export")
@@ -84,18 +85,6 @@ def parity_inputs(spec: Any) -> dict[str, torch.Tensor]:
     return inputs
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def record_pretrained(name: str, entry: dict[str, Any]) -> None:
     """Write `entry` as `name`'s row in zoo/pretrained.json (atomically) and reload the registry."""
     from zoo import registry
@@ -103,7 +92,7 @@ def record_pretrained(name: str, entry: dict[str, Any]) -> None:
     path = Path(registry.PRETRAINED_JSON)
     data = json.loads(path.read_text()) if path.exists() else {}
     data[name] = entry
-    _atomic_write_text(path, json.dumps(dict(sorted(data.items())), indent=2) + "\n")
+    atomic_write_text(path, json.dumps(dict(sorted(data.items())), indent=2) + "\n")
     registry.reload()
 
 

@@ -3,7 +3,6 @@ agreement of each op with torchvision's functional reference on the recorded par
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -18,13 +18,7 @@ TINY_SIMCLR = dict(proj_hidden=32, proj_dim=16, eq_hidden=32, eq_dim=16, param_d
 TINY_BYOL = dict(proj_hidden=32, proj_dim=16, pred_hidden=32, eq_hidden=32, eq_dim=16, param_dim=P)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on 2 shared cores, 2 threads per process oversubscribe (5x slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _views(seed: int = 0, p_dim: int = P, step: int = 0, total: int = 2) -> Views:

@@ -111,16 +111,6 @@ def test_stop_grad_sends_gradient_through_the_anchor_only():
     assert not torch.allclose(full[0], got[0])
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread for the backbone steps: on the shared 2 cores, 2 OpenMP threads stall on a
-    descheduled peer (measured 14.5 s vs 0.9 s for two GroCo steps under load); the model is tiny."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _views(batch: int, sizes: list[int], seed: int) -> Views:
     g = torch.Generator().manual_seed(seed)
     return Views(views=[torch.randn(batch, 3, s, s, generator=g) for s in sizes],

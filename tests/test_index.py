@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import zoo
-from zoo.index import Index, IndexUsageError, index_bytes
+from zoo.index import Index, IndexUsageError
 
 
 def _data(n=300, d=16, seed=0):

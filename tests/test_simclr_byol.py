@@ -16,13 +16,7 @@ from training.views import Views
 from zoo.backbones import create_backbone
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on 2 shared cores, 2 threads per process oversubscribe (5x slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _nt_xent_by_hand(z1: torch.Tensor, z2: torch.Tensor, t: float) -> float:

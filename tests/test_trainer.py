@@ -175,3 +175,23 @@ def test_recipe_builds_its_model_and_trains_two_steps_on_generated_data(path, tm
         if trainer.step == 2:
             break
     assert trainer.step == 2
+
+
+def test_image_folder_skips_and_counts_corrupt_files_and_keeps_batches_full(tmp_path):
+    from PIL import Image
+
+    from training.data import BatchPlan, ImageFolderImages, iterate_batches
+
+    for c in ("cat", "dog"):
+        (tmp_path / c).mkdir()
+        for i in range(3):
+            Image.new("RGB", (40, 30), (i * 40, 90, 200)).save(tmp_path / c / f"{i}.png")
+    (tmp_path / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    (tmp_path / "cat" / "empty.png").write_bytes(b"")
+    ds = ImageFolderImages(tmp_path, size=16)
+    assert len(ds) == 8 and ds.classes == ["cat", "dog"]
+    plan = BatchPlan(len(ds), global_batch=4, seed=0)
+    batches = list(iterate_batches(ds, plan, epoch=0, start_batch=0, workers=2))
+    assert sum(skipped for _, _, skipped in batches) == 2
+    assert [len(images) for images, _, _ in batches] == [4, 4]  # slots of unreadable files refilled
+    assert all(images.shape[1:] == (3, 16, 16) and images.dtype == torch.uint8 for images, _, _ in batches)

@@ -87,10 +87,15 @@ class ImageFolderImages(Dataset):
 
 
 def collate_skipping_corrupt(samples: list) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Stack the readable samples; unreadable ones are counted and their slots refilled by repeating
+    readable images of the same batch, so every batch keeps its size (W-MSE sub-batches, ISD's queue
+    and DDP's lock-step all need that)."""
     good = [s for s in samples if s is not None]
+    skipped = len(samples) - len(good)
     if not good:
-        return torch.empty(0, 3, 1, 1, dtype=torch.uint8), torch.empty(0, dtype=torch.long), len(samples)
-    return (torch.stack([s[0] for s in good]), torch.tensor([s[1] for s in good]), len(samples) - len(good))
+        raise RuntimeError(f"none of the {len(samples)} images of a batch could be decoded; check the dataset files")
+    good += [good[i % len(good)] for i in range(skipped)]
+    return torch.stack([s[0] for s in good]), torch.tensor([s[1] for s in good]), skipped
 
 
 def _torchvision_dataset(name: str, root: str | None, split: str) -> TensorImages:

@@ -8,6 +8,7 @@ generators seeded by (seed, step), so a resumed run and every DDP rank reproduce
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -26,9 +27,9 @@ from training.data import DATASET_TAGS, BatchPlan, build_dataset, iterate_batche
 from training.methods import get_method_class
 from training.optim import build_optimizer, lr_factor
 from training.recipe import config_hash, dump_recipe
-from training.views import Views
 from zoo.backbones import create_backbone
 from zoo.errors import ZooError
+from zoo.fsutil import atomic_write_bytes
 from zoo.eval import knn_accuracy
 from zoo.preprocess import Preprocess
 from zoo.registry import _DATA
@@ -61,13 +62,10 @@ def _step_generator(seed: int, step: int, salt: int) -> torch.Generator:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temp file, fsync, rename: a kill mid-write never leaves a broken checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """torch.save through a temp file and a rename: a kill mid-write never leaves a broken checkpoint."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -148,6 +146,7 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.skipped_files = 0
         self.history: list[dict[str, Any]] = []
+        self._tensorboard: Any = None
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
         if resume:
@@ -198,6 +197,17 @@ class Trainer:
             return
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self._tensorboard is None:
+            try:  # TensorBoard only when installed; metrics.jsonl is the record either way
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tensorboard = SummaryWriter(str(self.out / "tensorboard"))
+            except ImportError:
+                self._tensorboard = False
+        if self._tensorboard:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                    self._tensorboard.add_scalar(key, value, record["step"])
 
     # ---------------------------------------------------------------- one step
     def _set_lr(self) -> float:

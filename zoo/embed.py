@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from zoo.fsutil import atomic_write_bytes
 from zoo.errors import ZooError
 
 log = logging.getLogger("zoo")
@@ -514,21 +514,8 @@ def embed(model: torch.nn.Module, inputs: Any, batch_size: int | None = None, de
 
 
 # --------------------------------------------------------------------------------------------- shards
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _atomic_write_json(path: Path, obj: Any) -> None:
-    _atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
+    atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
@@ -536,7 +523,7 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
 
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array, dtype=np.float32))
-    _atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _jsonable(x: Any) -> Any:
