@@ -195,3 +195,14 @@ def test_image_folder_skips_and_counts_corrupt_files_and_keeps_batches_full(tmp_
     assert sum(skipped for _, _, skipped in batches) == 2
     assert [len(images) for images, _, _ in batches] == [4, 4]  # slots of unreadable files refilled
     assert all(images.shape[1:] == (3, 16, 16) and images.dtype == torch.uint8 for images, _, _ in batches)
+
+
+def test_bench_train_reports_speed_and_shares_side_by_side(capsys):
+    from training.bench import bench_train
+
+    rows = bench_train(["simclr", "wmse"], steps=2, batch_size=128, dataset="synthetic")  # W-MSE: w_size 128
+    out = capsys.readouterr().out
+    assert [r["method"] for r in rows] == ["simclr", "wmse"]
+    for r in rows:
+        assert r["images_per_s"] > 0 and 0 < r["augment"] < 1 and 0 < r["backbone_fwd"] < 1
+    assert "img/s" in out and "lightly-loss step / ours" in out
