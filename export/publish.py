@@ -104,6 +104,10 @@ def _clean_stale(parent: Path, name: str) -> None:
 
 def _install(tmp: Path, final: Path) -> None:
     """Rename the finished folder into place; an existing one is swapped out first, then removed."""
+    # mkdtemp/mkstemp create private (0700/0600) entries: give the published folder normal permissions.
+    tmp.chmod(0o755)
+    for f in tmp.iterdir():
+        f.chmod(0o644)
     old = None
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
