@@ -206,3 +206,15 @@ def test_bench_train_reports_speed_and_shares_side_by_side(capsys):
     for r in rows:
         assert r["images_per_s"] > 0 and 0 < r["augment"] < 1 and 0 < r["backbone_fwd"] < 1
     assert "img/s" in out and "lightly-loss step / ours" in out
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "stl10", "imagenet", "tiny_imagenet"])
+def test_missing_dataset_files_say_where_to_put_them_and_nothing_downloads(name, tmp_path):
+    from training.data import build_dataset
+    from zoo.datasets import DatasetNotFoundError
+
+    with pytest.raises(DatasetNotFoundError, match="data.root|place|folder"):
+        build_dataset({"dataset": name, "root": str(tmp_path / "empty")}, "train")
+    with pytest.raises(DatasetNotFoundError, match="data.root"):
+        build_dataset({"dataset": name, "root": None}, "train")
+    assert not (tmp_path / "empty").exists() or not any((tmp_path / "empty").iterdir())
