@@ -218,3 +218,18 @@ def test_missing_dataset_files_say_where_to_put_them_and_nothing_downloads(name,
     with pytest.raises(DatasetNotFoundError, match="data.root"):
         build_dataset({"dataset": name, "root": None}, "train")
     assert not (tmp_path / "empty").exists() or not any((tmp_path / "empty").iterdir())
+
+
+def test_a_training_run_is_evaluated_into_results_json_with_its_training_minutes(tmp_path):
+    from training.trainer import train
+    from zoo.cli import main
+
+    run = tmp_path / "run"
+    final = train(tiny_recipe(max_steps=2), run, progress=False)
+    assert final["train_minutes"] >= 0
+    results = run / "results.json"
+    args = ["eval", "knn", "simclr-resnet18_narrow.fmnist", "--weights", str(run), "--limit-train", "300",
+            "--limit-test", "100", "--results", str(results), "--no-progress"]
+    assert main(args) == 0
+    data = json.loads(results.read_text())
+    assert 0 <= data["knn_k20"] <= 100 and "train_minutes" in data and "cosine" in data["protocol"]

@@ -145,6 +145,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.skipped_files = 0
+        self.train_seconds = 0.0  # wall-clock time spent in fit(), summed over resumed sessions
         self.history: list[dict[str, Any]] = []
         self._tensorboard: Any = None
         if self.rank == 0:
@@ -163,7 +164,12 @@ class Trainer:
                 "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
                 "batch_in_epoch": self.batch_in_epoch, "torch_rng": torch.get_rng_state(),
                 "recipe_json": json.dumps(self.recipe, sort_keys=True), "recipe_hash": config_hash(self.recipe),
-                "history": json.dumps(self.history), "skipped_files": self.skipped_files}
+                "history": json.dumps(self.history), "skipped_files": self.skipped_files,
+                "train_seconds": self._elapsed()}
+
+    def _elapsed(self) -> float:
+        started = getattr(self, "_fit_started", None)
+        return self.train_seconds + (time.time() - started if started is not None else 0.0)
 
     def save(self) -> None:
         if self.rank == 0:
@@ -184,6 +190,7 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
         self.history = json.loads(ckpt["history"])
         self.skipped_files = ckpt["skipped_files"]
+        self.train_seconds = float(ckpt.get("train_seconds", 0.0))
         # Steps logged after this checkpoint (before a kill) are re-run: drop them from the log.
         metrics = self.out / "metrics.jsonl"
         if self.rank == 0 and metrics.exists():
@@ -308,6 +315,7 @@ class Trainer:
                     bar.write(f"initial (random) backbone: k-NN top-1 {record['knn_top1']:.2f}")
             self.save()  # step-0 checkpoint: a run killed before its first save can still --resume
         t_last, n_last = time.time(), 0
+        self._fit_started = time.time()
         stop = False
         while self.epoch < self.epochs and not stop:
             for images, _, skipped in iterate_batches(self.dataset, self.plan, self.epoch, self.batch_in_epoch,
@@ -344,7 +352,8 @@ class Trainer:
                 self.save()
         if bar is not None:
             bar.close()
-        final = {"step": self.step, "epoch": self.epoch, "knn_top1": self.knn_monitor(), "final": True}
+        final = {"step": self.step, "epoch": self.epoch, "knn_top1": self.knn_monitor(), "final": True,
+                 "train_minutes": round(self._elapsed() / 60, 2)}
         self.history.append(final)
         self._log(final)
         self.save()

@@ -86,7 +86,19 @@ def load_model(info: dict[str, Any], device: str | None = None):
     if weights == "untrained":
         torch.manual_seed(int(info.get("seed", 0)))  # the same random weights in every process
         return zoo.load(info["name"], pretrained=False, device=device)
+    if weights != "registry" and _is_training_run(weights):  # a `zoo train` run: its backbone, before export
+        from export.checkpoint import read_checkpoint
+        from zoo.load import load_weights_into
+
+        model = zoo.load(info["name"], pretrained=False, device="cpu")
+        load_weights_into(model, read_checkpoint(weights).backbone, str(weights))
+        return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return zoo.load(info["name"], pretrained=True if weights == "registry" else weights, device=device)
+
+
+def _is_training_run(path: str) -> bool:
+    p = Path(path)
+    return p.suffix == ".pt" or (p.is_dir() and (p / "checkpoint.pt").exists())
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -226,6 +238,8 @@ def _cmd_eval(args: argparse.Namespace, protocols: tuple[str, ...]) -> int:
         res = evaluate_model(model, backend=args.backend, precision=args.precision, batch_size=args.batch_size,
                              progress=not args.no_progress, limit_train=args.limit_train,
                              limit_test=args.limit_test, protocols=protocols)
+    if args.results:
+        _write_results(Path(args.results), res, args)
     if args.json:
         print(json.dumps({"model": name, **res}))
         return 0
@@ -239,10 +253,34 @@ def _cmd_eval(args: argparse.Namespace, protocols: tuple[str, ...]) -> int:
     return 0
 
 
+EVAL_PROTOCOL = ("Fashion-MNIST, backbone features of model.preprocess'd images; train 60k as bank / probe "
+                 "training set, test 10k. Weighted k-NN: cosine, votes exp(sim/0.07), k=20 and 200. Majority "
+                 "k-NN: k=5, Euclidean on raw features (W-MSE's protocol). Linear probe: standardised features, "
+                 "L-BFGS on nn.Linear, fixed iterations (zoo.eval).")
+
+
+def _write_results(path: Path, res: dict[str, float], args: argparse.Namespace) -> None:
+    """Merge measured numbers into a results.json that `zoo export` turns into the model card."""
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.update({k: round(float(v), 2) for k, v in res.items()})
+    data["protocol"] = EVAL_PROTOCOL
+    if args.weights and _is_training_run(args.weights):
+        from export.checkpoint import checkpoint_path
+
+        import torch
+
+        ckpt = torch.load(checkpoint_path(args.weights), map_location="cpu", weights_only=True)
+        if ckpt.get("train_seconds"):
+            data["train_minutes"] = round(float(ckpt["train_seconds"]) / 60, 1)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model name, or 'pixels' for the raw-pixel baseline")
+    p.add_argument("--results", default=None, help="merge the numbers into this results.json (read by zoo export)")
     w = p.add_mutually_exclusive_group()
-    w.add_argument("--weights")
+    w.add_argument("--weights", help="a .safetensors file, Hub-layout folder, or a `zoo train` run / checkpoint.pt")
     w.add_argument("--untrained", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
