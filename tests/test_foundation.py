@@ -170,3 +170,19 @@ def test_registry_rows_without_weights_say_so_and_name_their_recipe():
     assert zoo.get_spec("isd-resnet18.in1k").recipe == "training/recipes/isd/in1k-resnet18.yaml"
     assert spec.hub_repo == "ssl-zoo/isd-resnet50.in1k"
     assert "reconstruction" in zoo.get_spec("msbreg-resnet18_narrow.fmnist").paper
+
+
+@pytest.mark.parametrize("name", zoo.list_models(pretrained_only=True) or ["(none shipped)"])
+def test_every_shipped_model_loads_offline_from_model_cards_with_its_checked_sha256(name, monkeypatch):
+    if name == "(none shipped)":
+        pytest.skip("no weights shipped yet")
+    from zoo.hub import model_cards_dir, sha256_file
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = zoo.get_spec(name)
+    weights = model_cards_dir() / name / spec.weights_file
+    assert weights.exists(), f"{name} is marked as shipped but {weights} is missing"
+    assert sha256_file(weights) == spec.sha256
+    model = zoo.load(name, device="cpu")
+    x = model.preprocess(torch.zeros(2, 1, spec.input_size, spec.input_size, dtype=torch.uint8))
+    assert model(x).shape == (2, spec.feature_dim)
