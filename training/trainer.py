@@ -32,7 +32,7 @@ from zoo.errors import ZooError
 from zoo.fsutil import atomic_write_bytes
 from zoo.eval import knn_accuracy
 from zoo.preprocess import Preprocess
-from zoo.registry import _DATA
+from zoo.registry import dataset_normalization
 
 log = logging.getLogger("training")
 
@@ -119,7 +119,7 @@ class Trainer:
         data_cfg = recipe["data"]
         self.dataset = build_dataset(data_cfg, "train")
         tag = DATASET_TAGS[data_cfg["dataset"]]
-        self.mean, self.std = _DATA[tag]["mean"], _DATA[tag]["std"]
+        self.mean, self.std = dataset_normalization(tag)
         self.plan = BatchPlan(len(self.dataset), int(data_cfg["batch_size"]), self.seed, self.rank, self.world)
         self.epochs = int(tcfg["epochs"])
         self.total_steps = self.epochs * self.plan.batches_per_epoch

@@ -46,43 +46,6 @@ def _from_hf_cache(spec: ModelSpec) -> Path | None:
     return Path(hit) if isinstance(hit, str) else None
 
 
-def _from_hub(spec: ModelSpec) -> Path | None:
-    try:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
-    except ImportError:
-        return None
-    try:
-        return Path(hf_hub_download(spec.hub_repo, spec.weights_file))
-    except LocalEntryNotFoundError:  # offline (HF_HUB_OFFLINE=1 or no network) and not cached
-        return None
-    except Exception as e:  # repo missing on the Hub, HTTP errors: report below with the fix
-        raise WeightsNotAvailableError(
-            f"could not download {spec.hub_repo}/{spec.weights_file} ({type(e).__name__}: {str(e).splitlines()[0]}); "
-            f"pass pretrained=PATH to a local copy or train it with `zoo train {spec.recipe}`") from e
-
-
-def resolve_weights(spec: ModelSpec) -> Path:
-    """Path of the registry weights of `spec`, trying the local places before the network."""
-    shipped = model_cards_dir() / spec.name / spec.weights_file
-    if shipped.exists():
-        return shipped
-    for finder in (_from_hf_cache, _from_hub):
-        found = finder(spec)
-        if found is not None:
-            return found
-    raise WeightsNotAvailableError(
-        f"weights of {spec.name} are not in {shipped.parent}, the Hugging Face cache, or reachable on the Hub "
-        f"({spec.hub_repo}); connect once to download them, pass pretrained=PATH, or train them with "
-        f"`zoo train {spec.recipe}`")
-
-
-# ---------------------------------------------------------------- verified Hub downloads, revision pinning
-# Added for `zoo publish` / `zoo.load(..., revision=...)`: every Hub file is checked against a sha256
-# before use, a bad cached copy is fetched again once (when online), and a pinned revision reads its
-# expected sha256 from that revision's own config.json.
-
-
 def hub_offline() -> bool:
     """Whether huggingface_hub is in offline mode (`HF_HUB_OFFLINE=1`), read at call time."""
     try:
@@ -151,7 +114,7 @@ def download_verified(repo_id: str, filename: str, sha256: str | None, revision:
 def resolve_verified_weights(spec: ModelSpec, revision: str | None = None) -> tuple[Path, ModelSpec]:
     """Weights of `spec`, sha256-checked, and the row they belong to.
 
-    Without `revision`: as `resolve_weights` (model_cards/ -> HF cache -> Hub), checked against the
+    Without `revision`: model_cards/ -> HF cache -> Hub, checked against the
     registry row; a corrupt cached copy is downloaded again once when online. With `revision` (branch,
     tag or commit sha of `spec.hub_repo`): config.json and the weights of that revision, the weights
     checked against that config.json's sha256 (a pinned commit may predate the registry row).

@@ -46,6 +46,11 @@ _DATA: dict[str, dict[str, Any]] = {
                    std=(0.3530,) * 3, interpolation="bilinear"),
 }
 
+def dataset_normalization(tag: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of a pretraining dataset's images, by registry tag (`fmnist`, `c10`, ...)."""
+    return tuple(_DATA[tag]["mean"]), tuple(_DATA[tag]["std"])
+
+
 PAPERS = {
     "wmse": "Ermolov et al., Whitening for Self-Supervised Representation Learning, ICML 2021 (arXiv:2007.06346)",
     "msbreg": "Moon et al., An Embedding-Dynamic Approach to Self-supervised Learning, 2022 (arXiv:2207.03552); "
