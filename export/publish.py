@@ -171,7 +171,8 @@ def export_model(checkpoint: str | os.PathLike, name: str, *, results: str | os.
         published.eval()
         published.spec = spec
 
-        onnx_path = zoo_onnx.export_onnx(published, tmp / ONNX_FILE, spec.input_size, opset=opset)
+        onnx_path = zoo_onnx.export_onnx(published, tmp / ONNX_FILE, spec.input_size, opset=opset,
+                                         weights_dtype=dtype)
         parity = {}
         for kind, inputs in parity_inputs(spec).items():
             batch = 16 if kind == "random" else 64

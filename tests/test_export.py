@@ -388,3 +388,27 @@ def test_export_onnx_rejects_an_old_opset(tmp_path):
 
     with pytest.raises(ValueError, match="opset >= 17"):
         export_onnx(zoo.create_backbone("resnet18_narrow"), tmp_path / "m.onnx", 28, opset=13)
+
+
+def test_fp16_onnx_stores_half_precision_weights_and_matches_pytorch(tmp_path):
+    import onnx
+
+    from zoo.onnx import check_onnx_parity, export_onnx
+
+    torch.manual_seed(0)
+    model = zoo.create_backbone("resnet18_narrow").eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, rounded as an fp16 safetensors file loads back
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5), module.bias.uniform_(-0.2, 0.2)
+                module.running_mean.uniform_(-0.2, 0.2), module.running_var.uniform_(0.5, 2.0)
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.half().float())
+    fp32 = export_onnx(model, tmp_path / "fp32.onnx", 28)
+    fp16 = export_onnx(model, tmp_path / "fp16.onnx", 28, weights_dtype="float16")
+    assert fp16.stat().st_size < 0.6 * fp32.stat().st_size
+    stored = {i.data_type for i in onnx.load(str(fp16)).graph.initializer if i.name.endswith(".fp16")}
+    assert stored == {onnx.TensorProto.FLOAT16}
+    images = torch.randn(8, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    assert check_onnx_parity(model, fp16, images, atol=1e-4) < 1e-4

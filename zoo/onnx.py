@@ -36,11 +36,18 @@ class OnnxParityError(ZooError, ValueError):
     """The ONNX graph and the PyTorch module disagree beyond the tolerance."""
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: int, opset: int = 17) -> Path:
+def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: int, opset: int = 17,
+                weights_dtype: str = "float32") -> Path:
     """Write `model` as an ONNX graph (`images [N,3,S,S]` -> `features [N,D]`, dynamic N) to `path`.
 
+    `weights_dtype="float16"` stores every weight in half precision behind a `Cast` to float32 (half the
+    file; onnxruntime folds the casts and fuses BatchNorm at session start, so it runs as fast as fp32).
+    Use it for a model whose weights are already fp16-rounded (an fp16 safetensors file): BatchNorm is then
+    kept unfolded in the graph, so every stored value is exact and the outputs match PyTorch's.
     The file appears only once it is complete and passes `onnx.checker` (temp file + rename).
     """
+    if weights_dtype not in ("float32", "float16"):
+        raise ValueError(f"weights_dtype must be 'float32' or 'float16', got {weights_dtype!r}")
     onnx = require("onnx", "onnx", "ONNX export")
     if int(opset) < MIN_OPSET:
         raise ValueError(f"opset {opset} is too old for ssl-zoo's ONNX files; pass opset >= {MIN_OPSET}")
@@ -65,9 +72,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: int, opse
                 cpu_model, (dummy,), str(tmp), dynamo=False, opset_version=int(opset),
                 input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                 dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                do_constant_folding=True,
+                # Folding BatchNorm into the convolutions would make fp16-stored weights inexact.
+                do_constant_folding=weights_dtype == "float32",
             )
         proto = onnx.load(str(tmp))
+        if weights_dtype == "float16":
+            _store_initializers_fp16(proto)
         proto.doc_string = (f"ssl-zoo backbone. Input '{INPUT_NAME}': float32 [N, 3, {input_size}, {input_size}], "
                             f"normalised. Output '{OUTPUT_NAME}': float32 [N, D] pooled features.")
         spec = getattr(model, "spec", None)
@@ -84,6 +94,27 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: int, opse
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _store_initializers_fp16(proto: Any) -> None:
+    """Replace each float32 initializer `w` by a float16 `w.fp16` and a `Cast(w.fp16) -> w` node."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    casts, kept = [], []
+    for init in proto.graph.initializer:
+        if init.data_type != TensorProto.FLOAT:
+            kept.append(init)
+            continue
+        stored = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), f"{init.name}.fp16")
+        kept.append(stored)
+        casts.append(helper.make_node("Cast", [stored.name], [init.name], to=TensorProto.FLOAT,
+                                      name=f"{init.name}.to_float32"))
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    nodes = casts + list(proto.graph.node)  # the casts come first: graph nodes must be topologically sorted
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
 
 
 def _cuda_available(ort: Any) -> bool:
