@@ -81,6 +81,38 @@ def eval_results(spec: ModelSpec, results: Results) -> list[Any]:
     return out
 
 
+def transfer_description(key: str) -> str:
+    """`linear_10pct` -> "linear probe, 10% of the labels (class-balanced)"; `finetune_100pct` -> "fine-tuning, all labels"."""
+    kind, pct = key.rsplit("_", 1)
+    share = pct[:-3].replace("p", ".")
+    what = "all labels" if float(share) == 100 else f"{share}% of the labels (class-balanced)"
+    return f"{'linear probe' if kind == 'linear' else 'fine-tuning'}, {what}"
+
+
+def _transfer_order(key: str) -> tuple[int, float]:
+    kind, pct = key.rsplit("_", 1)
+    return (0 if kind == "linear" else 1, float(pct[:-3].replace("p", ".")))
+
+
+def transfer_section(results: Results) -> str:
+    """The card's label-efficient transfer table (each number with its protocol), or "" when none was measured."""
+    if not results.transfer:
+        return ""
+    rows = "\n".join(f"| {transfer_description(k)} | {results.transfer[k]:.2f} | "
+                     f"{results.transfer_protocols.get(k, 'protocol not recorded')} |"
+                     for k in sorted(results.transfer, key=_transfer_order))
+    return f"""
+### Label-efficient transfer
+
+Top-1 accuracy (%) with part of the labels (`zoo eval linear --labels`, `zoo eval finetune`; subsets hold the same
+number of images per class, drawn with a fixed seed):
+
+| protocol | top-1 (%) | how it was measured |
+|---|---|---|
+{rows}
+"""
+
+
 def card_data(spec: ModelSpec, results: Results) -> Any:
     from huggingface_hub import ModelCardData
 
@@ -231,8 +263,16 @@ def build_card(spec: ModelSpec, checkpoint: TrainedCheckpoint, results: Results,
     monitor = checkpoint.monitor_knn
     protocol = results.protocol or DEFAULT_PROTOCOL.format(split=split)
 
+    from zoo.report import baselines
+
+    # The baselines measured by the same code on the same split, beside this model's numbers.
+    base = baselines(spec.tag, spec.arch)
+    baseline_note = ", beside baselines measured by the same code" if base else ""
+    eval_header = "| protocol | this model |" + "".join(f" {label} |" for label, _ in base)
+    eval_header += "\n|---|---:|" + "---:|" * len(base)
     eval_rows = "\n".join(
-        f"| {description} | {_fmt(results.metrics.get(key))} |" for key, description in METRICS.items())
+        f"| {description} | {_fmt(results.metrics.get(key))} |" + "".join(f" {_fmt(m.get(key))} |" for _, m in base)
+        for key, description in METRICS.items())
     parity_rows = "; ".join(f"{n} {kind} inputs: max abs diff {diff:.2e}" for kind, (n, diff) in facts.parity.items())
     train_time = _fmt(results.train_minutes, " min")
     if results.train_minutes is not None and results.hardware:
@@ -290,14 +330,13 @@ Reproduce with `zoo train {spec.recipe}`. The resolved recipe this checkpoint wa
 
 ## Evaluation
 
-Top-1 accuracy (%) on the {display} {split} split, measured by ssl-zoo's evaluation step:
+Top-1 accuracy (%) on the {display} {split} split, measured by ssl-zoo's evaluation step{baseline_note}:
 
-| protocol | top-1 (%) |
-|---|---|
+{eval_header}
 {eval_rows}
 
 Protocol: {protocol}
-
+{transfer_section(results)}
 ## Files
 
 | file | what |

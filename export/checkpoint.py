@@ -18,6 +18,10 @@ numbers the model card and registry report. Every field is optional; a metric th
       "train_minutes": 28.5,    # wall-clock minutes of the training run
       "hardware": "2 CPU cores" # where it was trained (free text)
     }
+
+Label-efficient transfer numbers (`zoo eval linear --labels`, `zoo eval finetune`, zoo/transfer.py) add
+keys `linear_<p>pct` / `finetune_<p>pct` (`linear_1pct`, `finetune_10pct`, ...; top-1 %) and
+`transfer_protocols`, `{key: one paragraph}` saying how each was measured.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,10 +49,11 @@ BACKBONE_PREFIX = "backbone."
 METRICS: dict[str, str] = {
     "knn_k20": "weighted k-NN top-1 (k=20, T=0.07, cosine)",
     "knn_k200": "weighted k-NN top-1 (k=200, T=0.07, cosine)",
-    "knn5_majority": "5-NN majority-vote top-1 (cosine)",
+    "knn5_majority": "5-NN majority-vote top-1 (Euclidean)",
     "linear": "linear probe top-1 (frozen features)",
 }
 _TEXT_FIELDS = ("protocol", "hardware")
+TRANSFER_KEY = re.compile(r"^(linear|finetune)_(\d+(?:p\d+)?)pct$")  # written by zoo/transfer.py
 
 
 class ExportError(ZooError, ValueError):
@@ -143,6 +149,8 @@ class Results:
     train_minutes: float | None = None
     hardware: str | None = None
     source: Path | None = None
+    transfer: dict[str, float] = field(default_factory=dict)  # linear_10pct, finetune_1pct, ... (top-1 %)
+    transfer_protocols: dict[str, str] = field(default_factory=dict)
 
 
 def _number(value: Any, key: str, path: Path, low: float, high: float) -> float:
@@ -166,7 +174,12 @@ def read_results(path: str | os.PathLike | None) -> Results:
         raise ExportError(f"{p} is not valid JSON ({e}); rewrite it with the evaluation step") from e
     if not isinstance(data, dict):
         raise ExportError(f"{p} must hold a JSON object like {{\"knn_k20\": 85.3, \"protocol\": \"...\"}}")
-    unknown = sorted(set(data) - set(METRICS) - set(_TEXT_FIELDS) - {"train_minutes"})
+    transfer = {k: _number(v, k, p, 0.0, 100.0) for k, v in data.items() if TRANSFER_KEY.match(k) and v is not None}
+    protocols = data.get("transfer_protocols") or {}
+    if not isinstance(protocols, dict) or not all(isinstance(v, str) for v in protocols.values()):
+        raise ExportError(f"{p}: transfer_protocols must map keys to strings; rewrite it with zoo eval")
+    unknown = sorted(set(data) - set(METRICS) - set(_TEXT_FIELDS) - {"train_minutes", "transfer_protocols"}
+                     - set(transfer))
     if unknown:
         log.warning("%s: ignoring unknown field(s) %s (known: %s)", p, ", ".join(unknown),
                     ", ".join([*METRICS, *_TEXT_FIELDS, "train_minutes"]))
@@ -178,4 +191,5 @@ def read_results(path: str | os.PathLike | None) -> Results:
             raise ExportError(f"{p}: {key} must be a string, got {type(data[key]).__name__}")
         texts[key] = data.get(key)
     return Results(metrics=metrics, protocol=texts["protocol"], hardware=texts["hardware"], source=p,
-                   train_minutes=None if minutes is None else _number(minutes, "train_minutes", p, 0.0, 1e7))
+                   train_minutes=None if minutes is None else _number(minutes, "train_minutes", p, 0.0, 1e7),
+                   transfer=transfer, transfer_protocols={k: v for k, v in protocols.items() if k in transfer})

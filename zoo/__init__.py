@@ -32,9 +32,19 @@ def __getattr__(name: str):
         from zoo.index import Index
 
         return Index
+    if name in ("detection_backbone", "segmentation_backbone"):
+        import zoo.detection as detection
+
+        return getattr(detection, name)
+    if name == "convert":  # as embed: the submodule zoo.convert shares the function's name
+        import zoo.convert as module
+
+        globals()["convert"] = module.convert
+        return module.convert
     raise AttributeError(f"module 'zoo' has no attribute {name!r}")
 
 
 __all__ = ["ARCHS", "METHODS", "ModelSpec", "create_backbone", "get_spec", "list_models", "load", "ZooError",
            "UnknownNameError", "WeightsNotAvailableError", "CheckpointMismatchError", "IntegrityError",
-           "MissingDependencyError", "embed", "Embeddings", "Index"]
+           "MissingDependencyError", "embed", "Embeddings", "Index", "convert",
+           "detection_backbone", "segmentation_backbone"]

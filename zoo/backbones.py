@@ -77,6 +77,17 @@ ARCHS: dict[str, ArchSpec] = {
 }
 
 
+def as_three_channels(x: torch.Tensor) -> torch.Tensor:
+    """Check a batch `[N, 1 or 3, H, W]`; grayscale is repeated to the 3 channels every stem takes."""
+    if x.dim() != 4:
+        raise ValueError(f"expected a batch [N, C, H, W], got shape {tuple(x.shape)}; add a batch dim with x[None]")
+    if x.shape[1] == 1:
+        return x.expand(-1, 3, -1, -1)
+    if x.shape[1] != 3:
+        raise ValueError(f"expected 1 or 3 channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+    return x
+
+
 class Backbone(nn.Module):
     """A ResNet trunk mapping `[N, 3 or 1, H, W]` images to pooled features `[N, feature_dim]`.
 
@@ -103,12 +114,7 @@ class Backbone(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last feature map `[N, C, h, w]` before pooling."""
-        if x.dim() != 4:
-            raise ValueError(f"expected a batch [N, C, H, W], got shape {tuple(x.shape)}; add a batch dim with x[None]")
-        if x.shape[1] == 1:  # grayscale: repeat to the 3 channels every stem takes
-            x = x.expand(-1, 3, -1, -1)
-        elif x.shape[1] != 3:
-            raise ValueError(f"expected 1 or 3 channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+        x = as_three_channels(x)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return x

@@ -19,6 +19,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from zoo.report import table
+
+    print(table(args.tag, markdown=args.markdown))
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     import json
 
@@ -70,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", action="store_true", help="only models with weights")
     p.set_defaults(func=_cmd_list)
 
+    p = sub.add_parser("report", help="results table of the shipped models of a dataset tag beside its baselines")
+    p.add_argument("tag", nargs="?", default="fmnist")
+    p.add_argument("--markdown", action="store_true", help="as a Markdown table (the README's)")
+    p.set_defaults(func=_cmd_report)
+
     p = sub.add_parser("info", help="print a model's registry row")
     p.add_argument("name")
     p.set_defaults(func=_cmd_info)
@@ -95,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     from export.cli import register as register_export
 
     register_export(sub)
+
+    from zoo.convert import register as register_convert
+
+    register_convert(sub)  # convert CHECKPOINT --from FORMAT --arch ARCH --out DIR
 
     p = sub.add_parser("demo", help="the main job: load a shipped model, embed Fashion-MNIST, search, report")
     p.add_argument("--model", default=None, help="model name (default: the best shipped Fashion-MNIST model)")

@@ -128,7 +128,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     index = embed_to_dir(model, resolve_inputs(args.inputs), args.out, shard_size=args.shard_size,
                          batch_size=args.batch_size, backend=args.backend, precision=args.precision,
                          normalize=not args.no_normalize, progress=not args.no_progress,
-                         num_workers=args.workers, merge=not args.no_merge, model_info=info)
+                         num_workers=args.workers, merge=not args.no_merge, model_info=info,
+                         layer=args.layer, pool=args.pool)
     if index is not None:  # rank 0 (or the only process)
         print(f"{args.out}: {index['embedded']} embedded ({index['dim']}-d), {index['failed']} unreadable, "
               f"{index['n_shards']} shard(s){', merged into features.npy + ids.json' if index['merged'] else ''}")
@@ -224,20 +225,22 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace, protocols: tuple[str, ...]) -> int:
-    from zoo.eval import evaluate_model, evaluate_pixels
+    from zoo.eval import evaluate_model, evaluate_pixels, knn_protocol_labels
 
+    knn_protocol = getattr(args, "protocol", None)  # `eval knn --protocol NAME`: that project's k-NN instead
     if args.dataset not in ("fmnist", "fashion_mnist"):
         raise ValueError(f"--dataset must be fmnist (the dataset on every machine), got {args.dataset!r}")
     if args.model == "pixels":
         name = "raw pixels (standardised 784-d)"
-        res = evaluate_pixels(args.limit_train, args.limit_test, progress=not args.no_progress, protocols=protocols)
+        res = evaluate_pixels(args.limit_train, args.limit_test, progress=not args.no_progress, protocols=protocols,
+                              knn_protocol=knn_protocol)
     else:
         info = model_info(args)
         model = load_model(info, args.device)
         name = f"{model.spec.name}{' (untrained)' if args.untrained else ''}"
         res = evaluate_model(model, backend=args.backend, precision=args.precision, batch_size=args.batch_size,
                              progress=not args.no_progress, limit_train=args.limit_train,
-                             limit_test=args.limit_test, protocols=protocols)
+                             limit_test=args.limit_test, protocols=protocols, knn_protocol=knn_protocol)
     if args.results:
         _write_results(Path(args.results), res, args)
     if args.json:
@@ -246,10 +249,13 @@ def _cmd_eval(args: argparse.Namespace, protocols: tuple[str, ...]) -> int:
     n_train = args.limit_train or 60000
     n_test = args.limit_test or 10000
     print(f"{name} on Fashion-MNIST (train {n_train}, test {n_test}), top-1 %:")
-    labels = {"knn_k20": "weighted k-NN, cosine, k=20, T=0.07", "knn_k200": "weighted k-NN, cosine, k=200, T=0.07",
-              "knn5_majority": "majority k-NN, Euclidean, k=5", "linear": "linear probe (L-BFGS, standardised)"}
+    labels = {"knn_k20": "dino protocol: weighted k-NN, cosine, k=20, T=0.07",
+              "knn_k200": "dino protocol: weighted k-NN, cosine, k=200, T=0.07",
+              "knn5_majority": "wmse protocol: majority k-NN, Euclidean, k=5",
+              "linear": "linear probe (L-BFGS, standardised)", **knn_protocol_labels()}
+    width = max([14, *map(len, res)])
     for key, value in res.items():
-        print(f"  {key:14s} {value:6.2f}   {labels[key]}")
+        print(f"  {key:{width}s} {value:6.2f}   {labels[key]}")
     return 0
 
 
@@ -341,6 +347,11 @@ def register(subparsers: Any) -> Any:
     _add_embed_args(p)
     p.add_argument("--no-normalize", action="store_true", help="keep raw features (default: L2-normalised)")
     p.add_argument("--no-merge", action="store_true", help="keep the shards only (no features.npy)")
+    p.add_argument("--layer", default=None, choices=["stem", "layer1", "layer2", "layer3", "layer4"],
+                   help="features of this stage (default layer4, the model's pooled features)")
+    p.add_argument("--pool", default="avg", choices=["avg", "gem", "max", "none"],
+                   help="pooling of the stage's map: avg (default), gem (p=3), max, none (map flattened; "
+                        "its shape goes to config.json)")
     p.set_defaults(func=cmd_embed)
 
     p = subparsers.add_parser("index", help="build FAISS indexes")
@@ -366,10 +377,23 @@ def register(subparsers: Any) -> Any:
     esub = p.add_subparsers(dest="eval_command", required=True)
     e = esub.add_parser("knn", help="weighted k-NN (k=20, 200) and majority k-NN (k=5)")
     _add_eval_args(e)
+    from zoo.eval import KNN_PROTOCOLS
+
+    e.add_argument("--protocol", choices=list(KNN_PROTOCOLS), default=None,
+                   help="another project's k-NN instead (results keyed knn_<name>_k<k>): "
+                        + "; ".join(p.describe() for p in KNN_PROTOCOLS.values()))
     e.set_defaults(func=lambda a: _cmd_eval(a, ("knn", "majority")))
-    e = esub.add_parser("linear", help="linear probe on frozen features")
+    e = esub.add_parser("linear", help="linear probe on frozen features (--labels 1%% 10%%: class-balanced subsets)")
     _add_eval_args(e)
-    e.set_defaults(func=lambda a: _cmd_eval(a, ("linear",)))
+    from zoo.transfer import add_label_args, cmd_eval_linear, cmd_finetune, register_transfer
+
+    add_label_args(e)  # label-efficient transfer (zoo/transfer.py); without --labels / --train: as before
+    e.set_defaults(func=lambda a: cmd_eval_linear(a, lambda b: _cmd_eval(b, ("linear",))))
+    e = esub.add_parser("finetune", help="fine-tune the whole network on class-balanced label subsets")
+    _add_eval_args(e)
+    add_label_args(e, finetune=True)
+    e.set_defaults(func=cmd_finetune)
+    register_transfer(subparsers)  # zoo transfer detect RECIPE
 
     p = subparsers.add_parser("bench", help="benchmarks")
     bench = p.add_subparsers(dest="bench_command", required=True)

@@ -14,6 +14,11 @@ runs in the main process under `torch.inference_mode`. Backends and precisions:
 - `backend="onnxruntime"`: the model's ONNX file, exported once into the user cache with a parity check.
 - `precision="int8"`: onnxruntime static QDQ quantization, always on onnxruntime, quality-checked.
 
+`layer="layer3"`, `pool="gem"` take features from any stage (`stem`, `layer1`-`layer4`) pooled by
+`avg`, `gem` (p = 3), `max` or `none` (the map flattened; `Embeddings.map_shape` records its
+`(C, h, w)`); see `zoo.features`. The default (`layer4`, `avg`) is the model itself. Other stages
+and pools run on `backend="torch"` in fp32 (the ONNX files and precision checks are the pooled model's).
+
 `embed_to_dir` writes the same features in shards that survive a kill (resume at the last finished
 shard) and splits the work over `torchrun` ranks.
 """
@@ -63,12 +68,14 @@ class Embeddings:
     `features`: float32 `[N, D]` CPU tensor, row i belongs to `ids[i]`. `ids`: the path (as given or
     found in the folder) or the position of the input. `failed`: `(id, reason)` pairs. `labels`:
     `[N]` int64 when the inputs carried labels (a Dataset yielding `(image, label)`), else None.
+    `map_shape`: `(C, h, w)` of each row before flattening when embedded with `pool="none"`, else None.
     """
 
     features: torch.Tensor
     ids: list[Any]
     failed: list[tuple[Any, str]] = field(default_factory=list)
     labels: torch.Tensor | None = None
+    map_shape: tuple[int, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -475,10 +482,25 @@ def _preprocess_of(model: torch.nn.Module, preprocess: Callable | None) -> Calla
     return pre
 
 
+def _stage_model(model: torch.nn.Module, layer: str | None, pool: str, backend: str, precision: str
+                 ) -> torch.nn.Module:
+    """The model for (layer, pool): itself for the default, else a `zoo.features.StagePool` (torch, fp32)."""
+    from zoo.features import stage_model
+
+    try:
+        staged = stage_model(model, layer, pool)
+    except ValueError as e:
+        raise EmbedError(str(e)) from None
+    if staged is not model and (backend != "torch" or precision != "fp32"):
+        raise EmbedError(f"layer={layer!r} / pool={pool!r} run on backend='torch' in fp32; the onnxruntime "
+                         f"backend and bf16/int8 precisions are checked for the pooled model (layer4, avg) only")
+    return staged
+
+
 def embed(model: torch.nn.Module, inputs: Any, batch_size: int | None = None, device: str | torch.device | None = None,
           backend: str = "torch", precision: str = "fp32", normalize: bool = True, progress: bool = True,
           num_workers: int | None = None, preprocess: Callable | None = None,
-          max_pixels: int = DEFAULT_MAX_PIXELS) -> Embeddings:
+          max_pixels: int = DEFAULT_MAX_PIXELS, layer: str | None = None, pool: str = "avg") -> Embeddings:
     """Embed images with a `zoo.load` model; see the module docstring for inputs, backends and precisions.
 
     Inputs: a tensor batch (`[N, H, W]` grayscale or `[N, C, H, W]`, uint8 or float in [0, 1]), a list
@@ -486,7 +508,9 @@ def embed(model: torch.nn.Module, inputs: Any, batch_size: int | None = None, de
     (yielding an image or `(image, label)`). Unreadable inputs are skipped and reported in `.failed`.
     `batch_size` defaults to 256 for models of <= 64 px input, else 32. `num_workers` defaults to
     0 for tensors (preprocessed by one vectorised call per batch) and min(4, cores - 1) otherwise.
+    `layer` / `pool`: features of another stage or pooling (module docstring); default layer4 + avg.
     """
+    model = _stage_model(model, layer, pool, backend, precision)
     pre = _preprocess_of(model, preprocess)
     source = _make_source(inputs, pre, max_pixels)
     bs = int(batch_size or _default_batch_size(model))
@@ -510,7 +534,8 @@ def embed(model: torch.nn.Module, inputs: Any, batch_size: int | None = None, de
         features = torch.empty(0, getattr(model, "feature_dim", 0), dtype=torch.float32)
     lab = torch.cat(labels) if labels else torch.empty(0, dtype=torch.int64)
     has_labels = source.labelled and lab.numel() > 0 and bool((lab >= 0).all())
-    return Embeddings(features, ids, failed, lab if has_labels else None)
+    shape = getattr(model, "map_shape", None) if getattr(model, "pool", None) == "none" else None
+    return Embeddings(features, ids, failed, lab if has_labels else None, shape)
 
 
 # --------------------------------------------------------------------------------------------- shards
@@ -571,7 +596,7 @@ def embed_to_dir(model: torch.nn.Module, inputs: Any, out: str | os.PathLike, sh
                  batch_size: int | None = None, device: str | torch.device | None = None, backend: str = "torch",
                  precision: str = "fp32", normalize: bool = True, progress: bool = True,
                  num_workers: int | None = None, merge: bool = True, model_info: dict | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, layer: str | None = None, pool: str = "avg") -> dict:
     """Embed a corpus into `out/` in shards; resumable, and split over ranks under `torchrun`.
 
     Layout: `config.json` (what is embedded, to refuse resuming a different run), `shards/shard-NNNNN.npy`
@@ -581,10 +606,14 @@ def embed_to_dir(model: torch.nn.Module, inputs: Any, out: str | os.PathLike, sh
     A killed run started again with the same arguments skips every finished shard. Under torchrun each
     rank embeds shards `rank, rank + world, ...` (gloo on CPU, nccl on CUDA; rank 0's weights are
     broadcast so untrained models agree) and rank 0 writes the index and the merge. Returns index.json.
+    `layer` / `pool` as in `embed`; a non-default pair is recorded in config.json (with `map_shape` for
+    `pool="none"`), and a folder only resumes the same pair.
     """
     import torch.distributed as dist
 
     out = Path(out)
+    base_model = model
+    model = _stage_model(model, layer, pool, backend, precision)
     pre = _preprocess_of(model, preprocess=None)
     source = _make_source(inputs, pre, max_pixels)
     bs = int(batch_size or _default_batch_size(model))
@@ -611,12 +640,17 @@ def embed_to_dir(model: torch.nn.Module, inputs: Any, out: str | os.PathLike, sh
         config = {"model": (model_info or {}).get("name", getattr(spec, "name", None)), "model_info": model_info,
                   "inputs": source.fingerprint(), "total": n, "shard_size": shard_size, "n_shards": n_shards,
                   "backend": backend, "precision": precision, "normalize": normalize}
+        if model is not base_model:  # only when not the default, so folders written before still resume
+            config.update(layer=model.layer, pool=model.pool)
+            if model.pool == "none":
+                config["map_shape"] = list(model.map_shape)
         (out / "shards").mkdir(parents=True, exist_ok=True)
         cfg_path = out / "config.json"
         if rank == 0:
             if cfg_path.exists():
                 old = json.loads(cfg_path.read_text())
-                keys = ("model", "inputs", "total", "shard_size", "backend", "precision", "normalize")
+                keys = ("model", "inputs", "total", "shard_size", "backend", "precision", "normalize", "layer",
+                        "pool")
                 diff = [k for k in keys if old.get(k) != config.get(k)]
                 if diff:
                     raise EmbedError(f"{out} holds a different embedding run ({', '.join(diff)} differ); "
@@ -730,11 +764,13 @@ def merge_shards(out: str | os.PathLike) -> dict:
 def read_embeddings(out: str | os.PathLike) -> Embeddings:
     """The `Embeddings` of an `embed_to_dir` folder (merged file if present, else the shards concatenated)."""
     out = Path(out)
+    config = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
+    shape = tuple(config["map_shape"]) if config.get("map_shape") else None
     if (out / "features.npy").exists() and (out / "ids.json").exists():
         meta = json.loads((out / "ids.json").read_text())
         feats = torch.from_numpy(np.load(out / "features.npy"))
         labels = None if meta.get("labels") is None else torch.tensor(meta["labels"], dtype=torch.int64)
-        return Embeddings(feats, meta["ids"], [tuple(x) for x in meta["failed"]], labels)
+        return Embeddings(feats, meta["ids"], [tuple(x) for x in meta["failed"]], labels, shape)
     parts, ids, failed, labels = [], [], [], []
     for feats, shard_ids, meta in iter_shards(out, mmap=False):
         parts.append(feats)
@@ -742,7 +778,7 @@ def read_embeddings(out: str | os.PathLike) -> Embeddings:
         failed.extend(tuple(x) for x in meta["failed"])
         labels = None if labels is None or meta.get("labels") is None else labels + meta["labels"]
     feats = torch.from_numpy(np.concatenate(parts)) if parts else torch.empty(0, 0)
-    return Embeddings(feats, ids, failed, None if labels is None else torch.tensor(labels, dtype=torch.int64))
+    return Embeddings(feats, ids, failed, None if labels is None else torch.tensor(labels, dtype=torch.int64), shape)
 
 
 class _CallableModule(type(sys)):

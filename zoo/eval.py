@@ -16,12 +16,17 @@ The protocol of ssl-zoo's cards and CLI is `evaluate_features` (accuracies in pe
 `evaluate_model(model)` runs it on Fashion-MNIST (train 60k as bank/training set, test 10k as
 queries/test set) with `model.preprocess`; `evaluate_pixels()` runs the raw-pixel baseline
 (784-d pixels in [0, 1], standardised per pixel with training statistics) through the same code.
+
+`KNN_PROTOCOLS` (end of this module) holds other projects' k-NN evaluations as rows of data (dino,
+dinov2, lightly, solo-learn, wmse); `knn_protocol=NAME` / `zoo eval knn --protocol NAME` reports
+`knn_<name>_k<k>` under one of them instead of the default k-NN numbers.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -181,13 +186,14 @@ PROTOCOLS = ("knn", "majority", "linear")
 
 
 def evaluate_features(train_f: Any, train_y: Any, test_f: Any, test_y: Any, progress: bool = False,
-                      protocols: Sequence[str] = PROTOCOLS) -> dict[str, float]:
+                      protocols: Sequence[str] = PROTOCOLS, knn_protocol: str | None = None) -> dict[str, float]:
     """ssl-zoo's evaluation protocol on precomputed features (see the module docstring).
 
     Returns `{"knn_k20", "knn_k200", "knn5_majority", "linear"}`, top-1 accuracies in percent.
     Pass the raw features (not normalised): the weighted k-NN normalises them itself, the majority
     k-NN uses raw Euclidean distances, the linear probe standardises them. `protocols` picks a
-    subset (`"knn"` -> knn_k20 + knn_k200, `"majority"`, `"linear"`).
+    subset (`"knn"` -> knn_k20 + knn_k200, `"majority"`, `"linear"`). `knn_protocol` (a row of
+    `KNN_PROTOCOLS`) replaces the k-NN numbers ("knn" / "majority") by that protocol's `knn_<name>_k<k>`.
     """
     def note(msg: str) -> None:
         if progress:
@@ -198,6 +204,10 @@ def evaluate_features(train_f: Any, train_y: Any, test_f: Any, test_y: Any, prog
         raise ValueError(f"unknown protocol(s) {sorted(unknown)}; pick from {PROTOCOLS}")
     train_f, test_f = torch.as_tensor(train_f).float(), torch.as_tensor(test_f).float()
     out: dict[str, float] = {}
+    if knn_protocol is not None and {"knn", "majority"} & set(protocols):
+        note(f"k-NN, {knn_protocol} protocol ({get_knn_protocol(knn_protocol).source})")
+        out.update(protocol_knn_accuracies(train_f, train_y, test_f, test_y, knn_protocol))
+        protocols = [p for p in protocols if p not in ("knn", "majority")]
     if "knn" in protocols:
         note(f"weighted k-NN (k=20, 200) on {tuple(train_f.shape)} -> {tuple(test_f.shape)}")
         weighted = weighted_knn_accuracies(train_f, train_y, test_f, test_y, ks=(20, 200))
@@ -221,7 +231,8 @@ def _fmnist(limit_train: int | None, limit_test: int | None):
 
 def evaluate_model(model: torch.nn.Module, dataset: str = "fmnist", backend: str = "torch", precision: str = "fp32",
                    batch_size: int | None = None, progress: bool = True, limit_train: int | None = None,
-                   limit_test: int | None = None, protocols: Sequence[str] = PROTOCOLS) -> dict[str, float]:
+                   limit_test: int | None = None, protocols: Sequence[str] = PROTOCOLS,
+                   knn_protocol: str | None = None) -> dict[str, float]:
     """`evaluate_features` on a model's Fashion-MNIST features: train 60k, test 10k, `model.preprocess`.
 
     `limit_train` / `limit_test` take the first N images of each split (for quick checks).
@@ -235,7 +246,7 @@ def evaluate_model(model: torch.nn.Module, dataset: str = "fmnist", backend: str
     train = embed(model, train_x, **kw)
     test = embed(model, test_x, **kw)
     return evaluate_features(train.features, train_y[train.ids], test.features, test_y[test.ids], progress=progress,
-                             protocols=protocols)
+                             protocols=protocols, knn_protocol=knn_protocol)
 
 
 def pixel_features(train_x: torch.Tensor, test_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,8 +258,98 @@ def pixel_features(train_x: torch.Tensor, test_x: torch.Tensor) -> tuple[torch.T
 
 
 def evaluate_pixels(limit_train: int | None = None, limit_test: int | None = None,
-                    progress: bool = False, protocols: Sequence[str] = PROTOCOLS) -> dict[str, float]:
+                    progress: bool = False, protocols: Sequence[str] = PROTOCOLS,
+                    knn_protocol: str | None = None) -> dict[str, float]:
     """The raw-pixel baseline (standardised 784-d Fashion-MNIST pixels) through `evaluate_features`."""
     train_x, train_y, test_x, test_y = _fmnist(limit_train, limit_test)
     train, test = pixel_features(train_x, test_x)
-    return evaluate_features(train, train_y, test, test_y, progress=progress, protocols=protocols)
+    return evaluate_features(train, train_y, test, test_y, progress=progress, protocols=protocols,
+                             knn_protocol=knn_protocol)
+
+
+# ------------------------------------------------------------------------------------------ k-NN protocols
+# `zoo eval knn MODEL --protocol NAME`: the k-NN of another project's evaluation code, one row each.
+# Neighbours come from `knn_search` (FAISS); a row says how they are found and how they vote.
+# Results are keyed `knn_<name>_k<k>` (`-` in a name becomes `_`), so every number names its protocol;
+# the default keys above (knn_k20, knn_k200, knn5_majority) are untouched. Ties: the smallest label.
+@dataclass(frozen=True)
+class KnnProtocol:
+    name: str
+    ks: tuple[int, ...]
+    metric: str  # "cosine": L2-normalised features, inner product; "euclidean": raw features, L2 distance
+    weighting: str  # a key of KNN_WEIGHTS
+    temperature: float | None
+    source: str  # the evaluation code it reproduces (repository, file, commit read)
+
+    def key(self, k: int) -> str:
+        return f"knn_{self.name.replace('-', '_')}_k{k}"
+
+    def describe(self, k: int | None = None) -> str:
+        """One line naming the protocol; `k` None lists all of its ks."""
+        ks = "/".join(map(str, self.ks)) if k is None else k
+        t = f", T={self.temperature:g}" if self.temperature is not None else ""
+        return f"{self.name} protocol: k-NN, {self.metric}, {KNN_WEIGHTS[self.weighting][0]}, k={ks}{t}"
+
+
+# weighting -> (what it is, votes of the neighbours [Q, K] from their scores (similarity or distance)).
+KNN_WEIGHTS: dict[str, tuple[str, Callable[[torch.Tensor, KnnProtocol], torch.Tensor]]] = {
+    # exp(sim / T); shifted by -1/T, which scales every vote of a query alike (same argmax, no overflow).
+    "exp": ("votes exp(sim/T)", lambda s, p: ((s - 1.0) / p.temperature).exp()),
+    # softmax(sim / T) over all max(ks) neighbours, then the first k summed (DINOv2's KnnModule).
+    "softmax": ("votes softmax(sim/T) over the neighbours", lambda s, p: torch.softmax(s / p.temperature, dim=1)),
+    # 1 / (distance + 1e-5), distance Euclidean (solo-learn's WeightedKNNClassifier, distance_fx="euclidean").
+    "inverse_distance": ("votes 1/(distance+1e-5)", lambda d, p: 1.0 / (d + 1e-5)),
+    "majority": ("one vote each (majority)", lambda s, p: torch.ones_like(s)),
+}
+# metric -> (knn_search metric, its scores -> the protocol's scores): FAISS L2 gives squared distances.
+_KNN_METRICS: dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = {
+    "cosine": ("cosine", lambda s: s),
+    "euclidean": ("l2", lambda d2: d2.clamp_min(0).sqrt()),
+}
+
+KNN_PROTOCOLS: dict[str, KnnProtocol] = {p.name: p for p in [
+    KnnProtocol("dino", (20,), "cosine", "exp", 0.07,
+                "facebookresearch/dino@7c446df eval_knn.py knn_classifier: L2-normalised, exp(sim/T), "
+                "T=0.07, k=20 (the k its paper reports; nb_knn also runs 10/100/200): what knn_k20 measures"),
+    KnnProtocol("dinov2", (10, 20, 100, 200), "cosine", "softmax", 0.07,
+                "facebookresearch/dinov2@b8931f7 dinov2/eval/knn.py KnnModule: nb_knn 10/20/100/200, "
+                "temperature 0.07, softmax over the max-k neighbours"),
+    KnnProtocol("lightly", (200,), "cosine", "exp", 0.1,
+                "lightly-ai/lightly@e8d317f lightly/utils/benchmarking/knn.py knn_predict defaults "
+                "(knn_k=200, knn_t=0.1)"),
+    KnnProtocol("solo-learn", (20,), "euclidean", "inverse_distance", None,
+                "vturrisi/solo-learn@9187ea3 solo/utils/knn.py WeightedKNNClassifier(k=20, "
+                "distance_fx='euclidean'): raw features, weights 1/(d + 1e-5); its T=0.07 applies to cosine only"),
+    KnnProtocol("wmse", (5,), "euclidean", "majority", None,
+                "htdt/self-supervised@d9662c8 eval/knn.py eval_knn: torch.cdist, 5 nearest, majority "
+                "(unique + argmax: ties to the smallest label); what knn5_majority above measures"),
+]}
+
+
+def get_knn_protocol(name: str) -> KnnProtocol:
+    if name not in KNN_PROTOCOLS:
+        raise ValueError(f"unknown k-NN protocol {name!r}; pick from {', '.join(KNN_PROTOCOLS)}")
+    return KNN_PROTOCOLS[name]
+
+
+def protocol_knn_accuracies(train_features: Any, train_labels: Any, test_features: Any, test_labels: Any,
+                            protocol: str | KnnProtocol) -> dict[str, float]:
+    """Top-1 (percent) under a row of `KNN_PROTOCOLS`, for each of its k: `{"knn_<name>_k<k>": acc}`."""
+    p = get_knn_protocol(protocol) if isinstance(protocol, str) else protocol
+    labels = torch.as_tensor(train_labels).cpu().long()
+    test_labels = torch.as_tensor(test_labels).cpu().long()
+    num_classes = int(max(labels.max(), test_labels.max())) + 1
+    search_metric, to_scores = _KNN_METRICS[p.metric]
+    scores, idx = knn_search(train_features, test_features, max(p.ks), search_metric)
+    scores, idx = to_scores(torch.from_numpy(scores).double()), torch.from_numpy(idx)
+    weights = KNN_WEIGHTS[p.weighting][1](scores, p)
+    out = {}
+    for k in p.ks:
+        pred = _votes_to_labels(labels[idx[:, :k]], weights[:, :k], num_classes)
+        out[p.key(k)] = 100.0 * (pred == test_labels).double().mean().item()
+    return out
+
+
+def knn_protocol_labels() -> dict[str, str]:
+    """Result key -> printed description, for every protocol row and k."""
+    return {p.key(k): p.describe(k) for p in KNN_PROTOCOLS.values() for k in p.ks}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -65,7 +66,8 @@ def _weights_from_path(path: Path, spec: ModelSpec) -> tuple[Path, ModelSpec]:
 
 
 def load(name: str, pretrained: bool | str | os.PathLike = True, device: str | torch.device | None = None,
-         revision: str | None = None) -> Backbone:
+         revision: str | None = None, features_only: bool = False,
+         out_indices: Sequence[int] | int | None = None) -> Backbone:
     """The backbone of a registry model, in eval mode, with `.spec` and `.preprocess` attached.
 
     `name` is `{method}-{arch}.{tag}` or `{method}-{arch}` (its default tag). `pretrained` is True
@@ -73,7 +75,17 @@ def load(name: str, pretrained: bool | str | os.PathLike = True, device: str | t
     to a `.safetensors` file or to a Hub-layout folder. `revision` (a branch, tag or commit sha of the
     model's Hub repository) pins the Hub weights: they come from that revision (or the cache), checked
     against that revision's config.json.
+
+    `features_only=True` returns a `zoo.features.FeatureBackbone` over the same weights: a list of
+    feature maps at `out_indices` (default (1, 2, 3, 4): layer1-layer4; 0 is the stem) and
+    `.feature_info` (channels and reduction of each map, timm's API).
     """
+    if out_indices is not None and not features_only:
+        raise ValueError("out_indices selects feature maps: pass it with features_only=True")
+    if features_only and out_indices is not None:
+        from zoo.features import check_out_indices
+
+        check_out_indices(out_indices)  # before any weight is read
     if revision is not None and pretrained is not True:
         raise ValueError(f"revision={revision!r} pins Hub weights; use it with pretrained=True, or drop it when "
                          f"loading pretrained={pretrained!r}")
@@ -90,4 +102,8 @@ def load(name: str, pretrained: bool | str | os.PathLike = True, device: str | t
     model = model.to(device).eval()
     model.spec = spec
     model.preprocess = Preprocess.from_spec(spec)
+    if features_only:
+        from zoo.features import features_only as feature_maps
+
+        return feature_maps(model, (1, 2, 3, 4) if out_indices is None else out_indices)
     return model

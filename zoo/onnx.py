@@ -181,3 +181,97 @@ def check_onnx_parity(model: nn.Module, path: str | os.PathLike, inputs: torch.T
         raise OnnxParityError(f"ONNX model {path} differs from PyTorch by max |diff| {worst:.3g} > atol {atol:g} "
                               f"on {inputs.shape[0]} inputs; re-export it from these weights (opset >= {MIN_OPSET})")
     return worst
+
+
+# ------------------------------------------------------------------------------------------ feature maps
+def export_features_onnx(model: nn.Module, path: str | os.PathLike, input_size: int | None = None,
+                         opset: int = 17) -> Path:
+    """Write a `features_only` model (`zoo.load(name, features_only=True)`) as ONNX.
+
+    Input `images` `[N, 3, H, W]` (normalised, as `model.preprocess` returns), one output per map named
+    `feature_<stage index>` (`feature_1` ... `feature_4` for layer1-layer4) `[N, C_i, h_i, w_i]`; N, H and W
+    are dynamic (traced at `input_size`, default the model's `spec.input_size`). The channels, reductions and
+    output names are stored in the file's metadata. Temp file + rename, `onnx.checker` as `export_onnx`.
+    """
+    onnx = require("onnx", "onnx", "ONNX export")
+    if int(opset) < MIN_OPSET:
+        raise ValueError(f"opset {opset} is too old for ssl-zoo's ONNX files; pass opset >= {MIN_OPSET}")
+    names = getattr(model, "output_names", None)
+    info = getattr(model, "feature_info", None)
+    if names is None or info is None:
+        raise ValueError("export_features_onnx takes a features_only model: zoo.load(name, features_only=True); "
+                         "export the pooled model with export_onnx")
+    spec = getattr(model, "spec", None)
+    size = int(input_size if input_size is not None else (spec.input_size if spec is not None else 0))
+    if size < 8:
+        raise ValueError(f"input_size must be an input side in pixels (e.g. spec.input_size), got {input_size}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cpu_model = copy.deepcopy(model).float().cpu().eval()
+    dummy = torch.zeros(2, 3, size, size)
+    axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
+            **{n: {0: "batch", 2: f"{n}_height", 3: f"{n}_width"} for n in names}}
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # TorchScript exporter notices, as in export_onnx
+            torch.onnx.export(cpu_model, (dummy,), str(tmp), dynamo=False, opset_version=int(opset),
+                              input_names=[INPUT_NAME], output_names=list(names), dynamic_axes=axes,
+                              do_constant_folding=True)
+        proto = onnx.load(str(tmp))
+        proto.doc_string = (f"ssl-zoo feature maps. Input '{INPUT_NAME}': float32 [N, 3, H, W], normalised. "
+                            f"Outputs {', '.join(names)}: float32 [N, C, H/r, W/r] with channels "
+                            f"{info.channels()} and reductions {info.reduction()}.")
+        meta = {"producer": "ssl-zoo", "input_layout": "NCHW", "input_size": str(size), "outputs": ",".join(names),
+                "channels": ",".join(map(str, info.channels())), "reductions": ",".join(map(str, info.reduction()))}
+        if spec is not None:
+            meta.update(name=spec.name, mean=",".join(map(str, spec.mean)), std=",".join(map(str, spec.std)),
+                        resize_size=str(spec.resize_size), interpolation=spec.interpolation)
+        for key, value in meta.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.checker.check_model(proto, full_check=True)
+        onnx.save(proto, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+@torch.no_grad()
+def check_features_onnx_parity(model: nn.Module, path: str | os.PathLike, inputs: torch.Tensor, atol: float = 1e-4,
+                               batch_size: int = 64) -> float:
+    """Max |ONNX - PyTorch| over every map of a features_only model; raises `OnnxParityError` above `atol`.
+
+    The same check as `check_onnx_parity` (fp32, CPU, both sides), map by map and output name by name.
+    """
+    if inputs.dim() != 4 or inputs.shape[1] != 3:
+        raise ValueError(f"inputs must be preprocessed images [N, 3, H, W], got shape {tuple(inputs.shape)}")
+    session = onnx_session(path, device="cpu")
+    names = list(model.output_names)
+    got_names = [o.name for o in session.get_outputs()]
+    if got_names != names:
+        raise OnnxParityError(f"ONNX model {path} has outputs {got_names}, the model returns {names}; re-export it "
+                              f"with zoo.onnx.export_features_onnx")
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    reference = model if on_cpu else copy.deepcopy(model).cpu()
+    was_training = reference.training
+    reference.eval()
+    worst = 0.0
+    try:
+        for chunk in inputs.float().cpu().split(batch_size):
+            expected = [t.float().numpy() for t in reference(chunk)]
+            got = session.run(names, {INPUT_NAME: chunk.numpy()})
+            for name, g, e in zip(names, got, expected):
+                if g.shape != e.shape:
+                    raise OnnxParityError(f"ONNX model {path} returns {name} of shape {g.shape}, PyTorch {e.shape}; "
+                                          f"re-export it with zoo.onnx.export_features_onnx")
+                worst = max(worst, float(abs(g - e).max()) if g.size else 0.0)
+    finally:
+        reference.train(was_training)
+    if not worst <= atol:
+        raise OnnxParityError(f"ONNX model {path} differs from PyTorch by max |diff| {worst:.3g} > atol {atol:g} "
+                              f"on {inputs.shape[0]} inputs; re-export it from these weights (opset >= {MIN_OPSET})")
+    return worst
