@@ -23,7 +23,7 @@ import torch
 
 from export.checkpoint import ExportError, Results, TrainedCheckpoint, read_checkpoint, read_results, RESULTS_FILE
 from export.safetensors_io import FORMAT_VERSION, load_backbone, save_backbone
-from zoo.fsutil import atomic_write_text
+from zoo.fsutil import atomic_write_text, replace_folder
 from zoo.errors import ZooError
 
 log = logging.getLogger("export")
@@ -100,22 +100,6 @@ def _clean_stale(parent: Path, name: str) -> None:
     """Temp folders of exports of `name` that were killed (SIGKILL skips every cleanup)."""
     for stale in parent.glob(f".{name}.export-*"):
         shutil.rmtree(stale, ignore_errors=True)
-
-
-def _install(tmp: Path, final: Path) -> None:
-    """Rename the finished folder into place; an existing one is swapped out first, then removed."""
-    # mkdtemp/mkstemp create private (0700/0600) entries: give the published folder normal permissions.
-    tmp.chmod(0o755)
-    for f in tmp.iterdir():
-        f.chmod(0o644)
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclass
@@ -196,7 +180,7 @@ def export_model(checkpoint: str | os.PathLike, name: str, *, results: str | os.
         with torch.no_grad():
             if not torch.equal(reloaded(probe), published(probe)):
                 raise ExportError(f"{tmp} does not reload to the exported model; report this with the checkpoint")
-        _install(tmp, final)
+        replace_folder(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # also on Ctrl-C: never leave a half-written folder
         raise

@@ -48,6 +48,7 @@ from typing import Any, Sequence
 
 import torch
 
+from zoo.fsutil import replace_folder
 from zoo.errors import UnknownNameError, ZooError, closest
 
 BN_COUNTER = "num_batches_tracked"
@@ -417,19 +418,6 @@ def _recipe_dataset(tag: str) -> str:
     return names[0]
 
 
-def _install(tmp: Path, final: Path) -> None:
-    tmp.chmod(0o755)
-    for f in tmp.iterdir():
-        f.chmod(0o644)
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
 
 def convert(checkpoint: str | os.PathLike, fmt: str, arch: str | None = None, out: str | os.PathLike | None = None,
             *, name: str | None = None, drop: Sequence[str] = (), force: bool = False,
@@ -526,7 +514,7 @@ def convert(checkpoint: str | os.PathLike, fmt: str, arch: str | None = None, ou
                 if not torch.equal(m(probe), features):
                     raise ConversionError(f"{weights} does not reload to the converted backbone; report this with "
                                           f"the checkpoint")
-        _install(tmp, final)
+        replace_folder(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
