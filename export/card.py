@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -94,12 +94,17 @@ def _transfer_order(key: str) -> tuple[int, float]:
     return (0 if kind == "linear" else 1, float(pct[:-3].replace("p", ".")))
 
 
-def transfer_section(results: Results) -> str:
-    """The card's label-efficient transfer table (each number with its protocol), or "" when none was measured."""
+def transfer_section(results: Results, base: Sequence[tuple[str, dict[str, Any]]] = ()) -> str:
+    """The card's label-efficient transfer table (each number with its protocol, beside the baselines that
+    measured the same key, e.g. the raw-pixel linear probe), or "" when none was measured."""
     if not results.transfer:
         return ""
-    rows = "\n".join(f"| {transfer_description(k)} | {results.transfer[k]:.2f} | "
-                     f"{results.transfer_protocols.get(k, 'protocol not recorded')} |"
+    base = [(label, m) for label, m in base if any(k in m for k in results.transfer)]
+    header = "| protocol | top-1 (%) |" + "".join(f" {label} |" for label, _ in base) + " how it was measured |"
+    header += "\n|---|---:|" + "---:|" * len(base) + "---|"
+    rows = "\n".join(f"| {transfer_description(k)} | {results.transfer[k]:.2f} |"
+                     + "".join(f" {_fmt(m.get(k))} |" for _, m in base)
+                     + f" {results.transfer_protocols.get(k, 'protocol not recorded')} |"
                      for k in sorted(results.transfer, key=_transfer_order))
     return f"""
 ### Label-efficient transfer
@@ -107,8 +112,30 @@ def transfer_section(results: Results) -> str:
 Top-1 accuracy (%) with part of the labels (`zoo eval linear --labels`, `zoo eval finetune`; subsets hold the same
 number of images per class, drawn with a fixed seed):
 
-| protocol | top-1 (%) | how it was measured |
-|---|---|---|
+{header}
+{rows}
+"""
+
+
+def protocol_knn_section(results: Results) -> str:
+    """The card's table of k-NN numbers under other projects' protocols, each row naming its protocol and the
+    code it reproduces, or "" when none was measured."""
+    if not results.protocol_knn:
+        return ""
+    from zoo.eval import KNN_PROTOCOLS
+
+    by_key = {p.key(k): (p, k) for p in KNN_PROTOCOLS.values() for k in p.ks}
+    order = {key: i for i, key in enumerate(by_key)}
+    rows = "\n".join(f"| `{key}` | {by_key[key][0].describe(by_key[key][1])} | {results.protocol_knn[key]:.2f} | "
+                     f"{by_key[key][0].source} |" for key in sorted(results.protocol_knn, key=order.__getitem__))
+    return f"""
+### k-NN under other projects' protocols
+
+The same features and splits, scored the way other SSL code bases score k-NN (`zoo eval knn --protocol NAME`), so
+numbers can be compared with theirs:
+
+| key | protocol | top-1 (%) | evaluation code it reproduces |
+|---|---|---|---|
 {rows}
 """
 
@@ -336,7 +363,7 @@ Top-1 accuracy (%) on the {display} {split} split, measured by ssl-zoo's evaluat
 {eval_rows}
 
 Protocol: {protocol}
-{transfer_section(results)}
+{protocol_knn_section(results)}{transfer_section(results, base)}
 ## Files
 
 | file | what |

@@ -22,6 +22,9 @@ numbers the model card and registry report. Every field is optional; a metric th
 Label-efficient transfer numbers (`zoo eval linear --labels`, `zoo eval finetune`, zoo/transfer.py) add
 keys `linear_<p>pct` / `finetune_<p>pct` (`linear_1pct`, `finetune_10pct`, ...; top-1 %) and
 `transfer_protocols`, `{key: one paragraph}` saying how each was measured.
+
+k-NN numbers under other projects' protocols (`zoo eval knn --protocol NAME`, `zoo.eval.KNN_PROTOCOLS`) add
+keys `knn_<protocol>_k<k>` (`knn_dinov2_k10`, `knn_lightly_k200`, ...; top-1 %); the card names each protocol.
 """
 
 from __future__ import annotations
@@ -151,6 +154,17 @@ class Results:
     source: Path | None = None
     transfer: dict[str, float] = field(default_factory=dict)  # linear_10pct, finetune_1pct, ... (top-1 %)
     transfer_protocols: dict[str, str] = field(default_factory=dict)
+    protocol_knn: dict[str, float] = field(default_factory=dict)  # knn_dinov2_k10, ... (zoo.eval.KNN_PROTOCOLS)
+
+    def to_json(self) -> dict[str, Any]:
+        """The results.json form (what `parse_results` reads back)."""
+        out: dict[str, Any] = {**self.metrics, **self.protocol_knn, **self.transfer}
+        if self.transfer_protocols:
+            out["transfer_protocols"] = dict(self.transfer_protocols)
+        for key in ("protocol", "hardware", "train_minutes"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
 
 
 def _number(value: Any, key: str, path: Path, low: float, high: float) -> float:
@@ -172,17 +186,26 @@ def read_results(path: str | os.PathLike | None) -> Results:
         data = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise ExportError(f"{p} is not valid JSON ({e}); rewrite it with the evaluation step") from e
+    return parse_results(data, p)
+
+
+def parse_results(data: Any, p: Path) -> Results:
+    """`results.json`'s content (a dict) as Results; `p` names it in errors."""
     if not isinstance(data, dict):
         raise ExportError(f"{p} must hold a JSON object like {{\"knn_k20\": 85.3, \"protocol\": \"...\"}}")
     transfer = {k: _number(v, k, p, 0.0, 100.0) for k, v in data.items() if TRANSFER_KEY.match(k) and v is not None}
     protocols = data.get("transfer_protocols") or {}
     if not isinstance(protocols, dict) or not all(isinstance(v, str) for v in protocols.values()):
         raise ExportError(f"{p}: transfer_protocols must map keys to strings; rewrite it with zoo eval")
+    from zoo.eval import knn_protocol_labels
+
+    protocol_knn = {k: _number(v, k, p, 0.0, 100.0) for k, v in data.items()
+                    if k in knn_protocol_labels() and v is not None}
     unknown = sorted(set(data) - set(METRICS) - set(_TEXT_FIELDS) - {"train_minutes", "transfer_protocols"}
-                     - set(transfer))
+                     - set(transfer) - set(protocol_knn))
     if unknown:
-        log.warning("%s: ignoring unknown field(s) %s (known: %s)", p, ", ".join(unknown),
-                    ", ".join([*METRICS, *_TEXT_FIELDS, "train_minutes"]))
+        log.warning("%s: ignoring unknown field(s) %s (known: %s, linear_<p>pct, finetune_<p>pct, "
+                    "knn_<protocol>_k<k>)", p, ", ".join(unknown), ", ".join([*METRICS, *_TEXT_FIELDS, "train_minutes"]))
     metrics = {k: _number(data[k], k, p, 0.0, 100.0) for k in METRICS if data.get(k) is not None}
     minutes = data.get("train_minutes")
     texts = {}
@@ -192,4 +215,63 @@ def read_results(path: str | os.PathLike | None) -> Results:
         texts[key] = data.get(key)
     return Results(metrics=metrics, protocol=texts["protocol"], hardware=texts["hardware"], source=p,
                    train_minutes=None if minutes is None else _number(minutes, "train_minutes", p, 0.0, 1e7),
-                   transfer=transfer, transfer_protocols={k: v for k, v in protocols.items() if k in transfer})
+                   transfer=transfer, transfer_protocols={k: v for k, v in protocols.items() if k in transfer},
+                   protocol_knn=protocol_knn)
+
+
+EXPORTED_CONFIG = "config.json"
+EXPORTED_WEIGHTS = "model.safetensors"
+_MONITOR_ROW = re.compile(r"^\| k-NN monitor at the end of training \| ([0-9.]+) %", re.M)
+
+
+def is_exported_folder(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / EXPORTED_CONFIG).is_file() and (p / EXPORTED_WEIGHTS).is_file() \
+        and not (p / CHECKPOINT_FILE).exists()
+
+
+def read_exported(folder: str | os.PathLike) -> tuple[TrainedCheckpoint, Results]:
+    """A folder written by `zoo export` as an export source: re-card a shipped model whose training run is gone.
+
+    The backbone comes from its safetensors, the recipe from the repository's recipe file, which must
+    still hash to the config.json's `recipe_hash` (else the card would show a recipe the weights were not
+    trained with); the measured results are config.json's (`extra.results`, or its metrics and minutes).
+    """
+    from export.safetensors_io import load_backbone
+    from training.recipe import config_hash, load_recipe
+
+    p = Path(folder)
+    try:
+        config = json.loads((p / EXPORTED_CONFIG).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ExportError(f"{p / EXPORTED_CONFIG} is not valid JSON ({e}); export from the training run instead") from e
+    extra = config.get("extra") or {}
+    recipe_path, recipe_hash = config.get("recipe"), extra.get("recipe_hash")
+    try:
+        recipe = load_recipe(recipe_path)
+    except (OSError, ValueError, TypeError) as e:
+        raise ExportError(f"{p}: its recipe {recipe_path!r} cannot be read ({e}); export from the training run's "
+                          f"checkpoint.pt instead") from e
+    if config_hash(recipe) != recipe_hash:
+        raise ExportError(f"{p}: {recipe_path} has changed since this model was exported (sha256 "
+                          f"{config_hash(recipe)[:12]}... vs {str(recipe_hash)[:12]}...); export from the training "
+                          f"run's checkpoint.pt, which holds the recipe it was trained with")
+    state, _ = load_backbone(p / EXPORTED_WEIGHTS)
+    monitor = extra.get("monitor_knn")
+    if monitor is None and (p / "README.md").is_file():  # folders exported before monitor_knn was recorded
+        found = _MONITOR_ROW.search((p / "README.md").read_text())
+        monitor = float(found.group(1)) if found else None
+    ckpt = TrainedCheckpoint(path=p / EXPORTED_WEIGHTS, backbone=state, recipe=recipe, recipe_hash=recipe_hash,
+                             history=[] if monitor is None else [{"knn_top1": monitor}],
+                             step=int(extra.get("steps", 0)), epoch=int(extra.get("epochs", 0)))
+    measured = extra.get("results")
+    if measured is None:
+        measured = {**(config.get("metrics") or {}), "train_minutes": config.get("train_minutes")}
+    return ckpt, parse_results({k: v for k, v in measured.items() if v is not None}, p / EXPORTED_CONFIG)
+
+
+def combine_results(old: Results, new: Results) -> Results:
+    """`old` with every field `new` measured replacing it (a re-card keeps what it does not re-measure)."""
+    merged = {**old.to_json(), **new.to_json()}
+    merged["transfer_protocols"] = {**old.transfer_protocols, **new.transfer_protocols}
+    return parse_results(merged, new.source or old.source or Path("results.json"))

@@ -43,7 +43,8 @@ def register(subparsers: Any) -> None:
         "export", help="write model_cards/NAME/ (safetensors, ONNX, config.json, model card) from a checkpoint",
         description="Export a `zoo train` checkpoint as model_cards/NAME/, the exact content of its Hub repository, "
                     "and record its sha256 and measured metrics in zoo/pretrained.json.")
-    p.add_argument("checkpoint", help="run folder written by `zoo train`, or its checkpoint.pt")
+    p.add_argument("checkpoint", help="run folder written by `zoo train`, or its checkpoint.pt, or a folder written "
+                                      "by `zoo export` (re-card it: its numbers kept, --results adds new ones)")
     p.add_argument("--name", required=True, help="full registry name, e.g. wmse-resnet18_narrow.fmnist (zoo list)")
     p.add_argument("--results", default=None,
                    help="results.json of the evaluation (default: results.json beside the checkpoint; "

@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
-from export.checkpoint import ExportError, Results, TrainedCheckpoint, read_checkpoint, read_results, RESULTS_FILE
-from export.safetensors_io import FORMAT_VERSION, load_backbone, save_backbone
+from export.checkpoint import (RESULTS_FILE, ExportError, Results, TrainedCheckpoint, combine_results,
+                               is_exported_folder, read_checkpoint, read_exported, read_results)
+from export.safetensors_io import FORMAT_VERSION, load_backbone, read_metadata, same_weights_file, save_backbone
 from zoo.fsutil import atomic_write_text, replace_folder
 from zoo.errors import ZooError
 
@@ -109,10 +110,23 @@ class ExportResult:
     parity: dict[str, tuple[int, float]]
 
 
+def _read_given_results(results: str | os.PathLike) -> Results:
+    measured = read_results(results)
+    if measured.source is None:
+        raise ExportError(f"results file {results} does not exist; pass the results.json the evaluation wrote, "
+                          f"or omit --results to export without measured numbers")
+    return measured
+
+
 def export_model(checkpoint: str | os.PathLike, name: str, *, results: str | os.PathLike | None = None,
                  fp16: bool = False, out_dir: str | os.PathLike | None = None, opset: int = 17, atol: float = 1e-4,
                  force: bool = False, update_registry: bool = True) -> ExportResult:
     """Write `<out_dir or model_cards/>/<name>/` from a trainer checkpoint and record it in the registry.
+
+    `checkpoint` may also be a folder written by `zoo export` (a shipped model whose run is gone): the
+    card is rebuilt from its weights, its recipe file (checked against the recorded recipe hash) and its
+    recorded numbers, with `results` adding or replacing measured numbers; weights whose tensors and
+    metadata are unchanged keep their bytes and sha256.
 
     `results` is the evaluation's results.json (default: results.json beside the checkpoint; absent
     means "not measured"). `fp16` stores the weights in half precision (they load back as fp32).
@@ -124,12 +138,18 @@ def export_model(checkpoint: str | os.PathLike, name: str, *, results: str | os.
     from zoo.load import load, load_weights_into
 
     spec = _full_spec(name)
-    ckpt = read_checkpoint(checkpoint)
-    check_compatible(spec, ckpt)
-    measured: Results = read_results(results if results is not None else ckpt.path.parent / RESULTS_FILE)
-    if results is not None and measured.source is None:
-        raise ExportError(f"results file {results} does not exist; pass the results.json the evaluation wrote, "
-                          f"or omit --results to export without measured numbers")
+    if is_exported_folder(checkpoint):  # re-card a shipped model: its numbers kept, new ones added
+        ckpt, measured = read_exported(checkpoint)
+        check_compatible(spec, ckpt)
+        if read_metadata(ckpt.path).get("dtype") == "float16":
+            fp16 = True  # a re-card keeps the published precision
+        if results is not None:
+            measured = combine_results(measured, _read_given_results(results))
+    else:
+        ckpt = read_checkpoint(checkpoint)
+        check_compatible(spec, ckpt)
+        measured = _read_given_results(results) if results is not None else \
+            read_results(ckpt.path.parent / RESULTS_FILE)
     model = create_backbone(spec.arch)
     load_weights_into(model, ckpt.backbone, str(ckpt.path))  # strict: names every missing or mis-shaped key
 
@@ -146,6 +166,9 @@ def export_model(checkpoint: str | os.PathLike, name: str, *, results: str | os.
         save_backbone(model.state_dict(), weights, dtype=dtype,
                       metadata={"name": name, "arch": spec.arch, "method": spec.method,
                                 "recipe_hash": ckpt.recipe_hash})
+        previous = final / WEIGHTS_FILE
+        if previous.is_file() and same_weights_file(previous, weights):
+            shutil.copyfile(previous, weights)  # same tensors and metadata: keep the published bytes and sha256
         sha = sha256_file(weights)
 
         # Everything downstream is checked against what the file holds (fp16 rounding included).
@@ -167,6 +190,7 @@ def export_model(checkpoint: str | os.PathLike, name: str, *, results: str | os.
                       has_weights=True,
                       extra={**spec.extra, "recipe_hash": ckpt.recipe_hash, "weights_dtype": dtype,
                              "format_version": FORMAT_VERSION, "steps": ckpt.step, "epochs": ckpt.epoch,
+                             "monitor_knn": ckpt.monitor_knn, "results": measured.to_json(),
                              "onnx": {"file": ONNX_FILE, "opset": opset, "input": "images", "output": "features",
                                       "max_abs_diff": {k: v[1] for k, v in parity.items()}}})
         (tmp / CONFIG_FILE).write_text(json.dumps(row.to_dict(), indent=2) + "\n")

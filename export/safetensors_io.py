@@ -77,3 +77,24 @@ def load_backbone(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
                              f"upgrade ssl-zoo (pip install -U ssl-zoo) or export it again")
     state = load_state_dict_file(path)
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, meta
+
+
+def same_weights_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when two safetensors files hold the same metadata and bit-equal tensors of the same dtypes.
+
+    safetensors writes its metadata dict in an unspecified order, so re-exporting unchanged weights can
+    give different bytes (and sha256); export keeps the published file when this holds.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(a), framework="pt") as fa, safe_open(str(b), framework="pt") as fb:
+            if (fa.metadata() or {}) != (fb.metadata() or {}) or set(fa.keys()) != set(fb.keys()):
+                return False
+            for key in fa.keys():
+                ta, tb = fa.get_tensor(key), fb.get_tensor(key)
+                if ta.dtype != tb.dtype or ta.shape != tb.shape or not torch.equal(ta, tb):
+                    return False
+    except (SafetensorError, OSError):
+        return False
+    return True

@@ -412,3 +412,51 @@ def test_fp16_onnx_stores_half_precision_weights_and_matches_pytorch(tmp_path):
     assert stored == {onnx.TensorProto.FLOAT16}
     images = torch.randn(8, 3, 28, 28, generator=torch.Generator().manual_seed(0))
     assert check_onnx_parity(model, fp16, images, atol=1e-4) < 1e-4
+
+
+def test_a_shipped_folder_is_re_carded_keeping_its_bytes_numbers_and_adding_new_ones(env, tmp_path):
+    """A shipped model whose run is gone: `zoo export model_cards/NAME --results new.json --force`."""
+    from export.checkpoint import ExportError
+    from export.publish import export_model
+    name = "isd-resnet18_narrow.fmnist"
+    source = Path(__file__).resolve().parents[1] / "model_cards" / name
+    if not (source / "model.safetensors").exists():
+        pytest.skip("isd weights are not shipped")
+    folder = env / name
+    shutil.copytree(source, folder)
+    before = json.loads((folder / "config.json").read_text())
+    new = tmp_path / "new.json"
+    new.write_text(json.dumps({"knn_dinov2_k10": 83.5, "linear_1pct": 70.25,
+                               "transfer_protocols": {"linear_1pct": "test: 1% of the labels"}}))
+    with pytest.raises(ExportError, match="--force"):
+        export_model(folder, name, results=new)
+    export_model(folder, name, results=new, force=True)
+    after = json.loads((folder / "config.json").read_text())
+    assert after["sha256"] == before["sha256"] == sha256_file(folder / "model.safetensors")  # bytes kept
+    assert after["metrics"] == before["metrics"] and after["train_minutes"] == before["train_minutes"]
+    assert after["extra"]["results"]["knn_dinov2_k10"] == 83.5 and after["extra"]["monitor_knn"] is not None
+    card = (folder / "README.md").read_text()
+    assert "| `knn_dinov2_k10` |" in card and "| 70.25 |" in card and f"{before['metrics']['knn_k20']:.2f}" in card
+    assert "| k-NN monitor at the end of training |" in card and before["recipe"] in card
+    again = tmp_path / "again.json"
+    again.write_text(json.dumps({"knn_lightly_k200": 80.0}))
+    export_model(folder, name, results=again, force=True)  # a second re-card keeps the first one's numbers
+    card = (folder / "README.md").read_text()
+    assert "| `knn_dinov2_k10` |" in card and "| `knn_lightly_k200` |" in card and "| 70.25 |" in card
+
+
+def test_re_carding_refuses_a_folder_whose_recipe_file_changed(env, tmp_path):
+    from export.checkpoint import ExportError
+    from export.publish import export_model
+
+    name = "isd-resnet18_narrow.fmnist"
+    source = Path(__file__).resolve().parents[1] / "model_cards" / name
+    if not (source / "model.safetensors").exists():
+        pytest.skip("isd weights are not shipped")
+    folder = env / name
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["extra"]["recipe_hash"] = "f" * 64
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match="has changed since this model was exported"):
+        export_model(folder, name, force=True)

@@ -58,6 +58,39 @@ def test_short_name_without_weights_names_the_recipe_that_makes_them():
         zoo.load(short)
 
 
+def test_full_name_without_weights_fails_at_once_naming_recipe_and_tags_with_weights(monkeypatch):
+    import zoo.hub
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a row without weights must not reach for the Hub")
+
+    monkeypatch.setattr(zoo.hub, "hub_download", no_network)
+    with pytest.raises(zoo.WeightsNotAvailableError) as err:
+        zoo.load("wmse-resnet50.in1k")
+    message = str(err.value)
+    assert "\n" not in message and "zoo train training/recipes/wmse/in1k.yaml" in message
+    assert all(zoo.get_spec(n).has_weights for n in message.rsplit(": ", 1)[1].split(", "))
+
+
+def test_short_name_picks_the_first_tag_with_weights_and_logs_the_choice_once(monkeypatch, caplog):
+    from dataclasses import replace
+
+    from zoo import registry as reg
+
+    rows = dict(reg.registry())
+    for name in ("groco-resnet50.in1k", "groco-resnet50.fmnist"):
+        row = rows.get(name) or reg.make_spec("groco", "resnet50", name.rsplit(".", 1)[1])
+        rows[name] = replace(row, has_weights=name.endswith("fmnist"))
+    monkeypatch.setattr(reg, "_REGISTRY", rows)
+    monkeypatch.setattr(reg, "_logged_defaults", set())
+    with caplog.at_level("INFO", logger="zoo"):
+        assert reg.get_spec("groco-resnet50", need_weights=True).name == "groco-resnet50.fmnist"
+        assert reg.get_spec("groco-resnet50", need_weights=True).name == "groco-resnet50.fmnist"
+    assert [r.getMessage() for r in caplog.records] == ["groco-resnet50 -> groco-resnet50.fmnist"]
+    rows["groco-resnet50.in1k"] = replace(rows["groco-resnet50.in1k"], has_weights=True)
+    assert reg.get_spec("groco-resnet50").name == "groco-resnet50.in1k"  # ImageNet first when both exist
+
+
 def _save_random_weights(tmp_path, arch="resnet18_narrow"):
     model = zoo.create_backbone(arch)
     for p in model.parameters():

@@ -99,3 +99,21 @@ def test_cli_eval_knn_protocol_prints_the_protocol_with_every_number_and_writes_
     data = json.loads(results.read_text())
     assert {"knn_k20", "knn_k200", "knn5_majority", "knn_dinov2_k10", "knn_dinov2_k200"} <= set(data)
     assert data["knn_dinov2_k20"] == data["knn_k20"]  # same neighbours, same votes up to one factor per query
+
+
+def test_protocol_knn_numbers_reach_the_model_card_each_naming_its_protocol(tmp_path, caplog):
+    from export.card import protocol_knn_section
+    from export.checkpoint import read_results
+
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"knn_k20": 80.0, "knn_dinov2_k10": 81.234, "knn_lightly_k200": 79.5,
+                                "knn_wmse_k5": 78.0, "knn_nonsense_k3": 1.0}))
+    with caplog.at_level("WARNING", logger="export"):
+        results = read_results(path)
+    assert results.protocol_knn == {"knn_dinov2_k10": 81.234, "knn_lightly_k200": 79.5, "knn_wmse_k5": 78.0}
+    assert "knn_nonsense_k3" in caplog.text and "knn_dinov2_k10" not in caplog.text
+    rows = [r for r in protocol_knn_section(results).splitlines() if r.startswith("| `knn")]
+    assert [r.split("`")[1] for r in rows] == ["knn_dinov2_k10", "knn_lightly_k200", "knn_wmse_k5"]  # table order
+    assert "dinov2 protocol" in rows[0] and "k=10" in rows[0] and "| 81.23 |" in rows[0]
+    assert "facebookresearch/dinov2" in rows[0] and "htdt/self-supervised" in rows[2]
+    assert protocol_knn_section(read_results(None)) == ""

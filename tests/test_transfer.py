@@ -151,3 +151,31 @@ def test_results_with_transfer_numbers_show_in_the_model_card_with_their_protoco
     card = str(build_card(spec, ckpt, results, facts))
     assert "Label-efficient transfer" in card and "| 71.23 |" in card and "80.50" in card
     assert "Label-efficient transfer" not in str(build_card(spec, ckpt, read_results(None), facts))
+
+
+def test_pixel_baseline_runs_the_same_label_subsets_and_refuses_image_folders():
+    from zoo.transfer import TransferError, pixel_linear_transfer
+
+    train, test = _separable_split(40, 0, "train"), _separable_split(10, 1, "test")
+    result = pixel_linear_transfer(train, test, fraction=0.25, seed=0)
+    model = zoo.load("wmse-resnet18_narrow.fmnist", pretrained=False, device="cpu")
+    assert {k: result[k] for k in ("key", "n_train", "n_test")} == \
+        {k: linear_transfer(model, train, test, 0.25, seed=0)[k] for k in ("key", "n_train", "n_test")}
+    assert result["top1"] >= 90.0  # grey levels are linearly separable from pixels
+    folder = LabelledSplit("train", train.labels, None, paths=["a.png"] * len(train.labels))
+    with pytest.raises(TransferError, match="--dataset fmnist"):
+        pixel_linear_transfer(folder, test, 0.25)
+
+
+def test_card_transfer_table_puts_the_baselines_beside_the_model():
+    from export.card import transfer_section
+    from export.checkpoint import Results
+
+    results = Results(transfer={"linear_1pct": 70.0, "linear_10pct": 80.0},
+                      transfer_protocols={"linear_1pct": "p1", "linear_10pct": "p10"})
+    section = transfer_section(results, [("raw pixels", {"linear_1pct": 65.5, "knn_k20": 86.0}),
+                                         ("random init", {"knn_k20": 79.0})])  # no transfer keys: no column
+    lines = section.splitlines()
+    assert "| protocol | top-1 (%) | raw pixels | how it was measured |" in lines
+    assert "| linear probe, 1% of the labels (class-balanced) | 70.00 | 65.50 | p1 |" in lines
+    assert any(line.startswith("| linear probe, 10%") and "| not measured |" in line for line in lines)

@@ -196,6 +196,18 @@ def _tag_rank(tag: str) -> int:
 _logged_defaults: set[str] = set()
 
 
+def _no_weights_message(name: str, recipe: str, short_name: str) -> str:
+    """One line: what has no weights, the recipe that makes them, and the tags that do have weights."""
+    method = registry()[next(n for n in registry() if n.startswith(short_name + "."))].method
+    for what, pattern in (("a tag with weights", f"{short_name}.*"), ("a model with weights", f"{method}-*"),
+                          ("a model with weights", "*")):
+        others = list_models(pattern, pretrained_only=True)
+        if others:
+            break
+    return (f"no weights are published for {name!r}; train them with `zoo train {recipe}`, pass "
+            f"pretrained=PATH, or load {what}: {', '.join(others) or 'none yet'}")
+
+
 def get_spec(name: str, need_weights: bool = False) -> ModelSpec:
     """The registry row of a full name, or of `{method}-{arch}` (its default tag).
 
@@ -204,7 +216,12 @@ def get_spec(name: str, need_weights: bool = False) -> ModelSpec:
     """
     reg = registry()
     if name in reg:
-        return reg[name]
+        spec = reg[name]
+        if need_weights and not spec.has_weights:
+            # No sha256 to check a download against, and nothing published: say so at once
+            # rather than after the Hub client's retries.
+            raise WeightsNotAvailableError(_no_weights_message(name, spec.recipe, spec.short_name))
+        return spec
     candidates = sorted((s for s in reg.values() if s.short_name == name), key=lambda s: _tag_rank(s.tag))
     if not candidates:
         names = list(reg) + sorted({s.short_name for s in reg.values()})
@@ -214,11 +231,7 @@ def get_spec(name: str, need_weights: bool = False) -> ModelSpec:
     if with_weights:
         spec = with_weights[0]
     elif need_weights:
-        tags = ", ".join(s.name for s in candidates)
-        raise WeightsNotAvailableError(
-            f"no weights are published for {name!r} (tags: {tags}); train them with "
-            f"`zoo train {candidates[0].recipe}`, pass pretrained=PATH, or pick one of "
-            f"{', '.join(list_models(pretrained_only=True)) or 'none yet'}")
+        raise WeightsNotAvailableError(_no_weights_message(name, candidates[0].recipe, name))
     else:
         spec = candidates[0]
     if name not in _logged_defaults:

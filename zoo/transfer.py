@@ -44,6 +44,7 @@ from zoo.errors import ZooError
 
 log = logging.getLogger("zoo")
 
+PIXELS_NAME = "raw pixels (standardised 784-d)"  # the name zoo/commands.py prints for the baseline
 LABEL_SEED = 0
 FINETUNE_EPOCHS = 1
 FINETUNE_BATCH = 256
@@ -201,6 +202,21 @@ def linear_transfer(model: nn.Module, train: LabelledSplit, test: LabelledSplit,
     acc = linear_probe_accuracy(train_f, train_y, test_f, test_y)
     return {"key": f"linear_{labels_key(fraction)}", "top1": acc, "n_train": int(len(train_y)),
             "n_test": int(len(test_y)), "fraction": fraction, "seed": seed}
+
+
+def pixel_linear_transfer(train: LabelledSplit, test: LabelledSplit, fraction: float, seed: int = LABEL_SEED
+                          ) -> dict[str, Any]:
+    """The raw-pixel baseline of `linear_transfer`: the same subset and probe on standardised pixels."""
+    from zoo.eval import linear_probe_accuracy, pixel_features
+
+    if train.images is None or test.images is None:
+        raise TransferError("the raw-pixel baseline needs images of one size in memory (--dataset fmnist); "
+                            "name a model for --train/--val ImageFolders")
+    subset = balanced_subset(train.labels, fraction, seed)
+    train_f, test_f = pixel_features(train.images[subset], test.images)  # standardised with the subset's statistics
+    acc = linear_probe_accuracy(train_f, train.labels[subset], test_f, test.labels)
+    return {"key": f"linear_{labels_key(fraction)}", "top1": acc, "n_train": int(len(subset)),
+            "n_test": int(len(test.labels)), "fraction": fraction, "seed": seed}
 
 
 class _Batches:
@@ -400,8 +416,8 @@ def _model(args: argparse.Namespace):
     from zoo.commands import load_model, model_info
 
     if args.model == "pixels":
-        raise TransferError("the raw-pixel baseline runs the full-label protocols only (zoo eval knn|linear pixels); "
-                            "name a model for --labels / --train / finetune")
+        raise TransferError("the raw-pixel baseline has no network to fine-tune; run `zoo eval linear pixels "
+                            "--labels ...` for its label-efficient numbers, or name a model")
     model = load_model(model_info(args), args.device)
     return model, f"{model.spec.name}{' (untrained)' if args.untrained else ''}"
 
@@ -409,6 +425,10 @@ def _model(args: argparse.Namespace):
 def cmd_linear_labels(args: argparse.Namespace) -> int:
     """`zoo eval linear MODEL --labels 1% 10%` / `--train DIR --val DIR`."""
     train, test, dataset = _splits(args)
+    if args.model == "pixels":
+        results = [pixel_linear_transfer(train, test, parse_labels(p), args.label_seed)
+                   for p in (args.labels or ["100%"])]
+        return _report(args, PIXELS_NAME, dataset, results)
     model, name = _model(args)
     results = [linear_transfer(model, train, test, parse_labels(p), args.label_seed, args.batch_size, args.backend,
                                args.precision, progress=not args.no_progress) for p in (args.labels or ["100%"])]
