@@ -238,7 +238,8 @@ def check_folder(folder: str | os.PathLike) -> dict[str, Any]:
         raise ExportError(f"{folder} is not a folder; pass model_cards/NAME as written by `zoo export`")
     missing = [f for f in REPO_FILES if not (folder / f).is_file()]
     if missing:
-        raise ExportError(f"{folder} lacks {', '.join(missing)}; write it with `zoo export CHECKPOINT --name NAME`")
+        raise ExportError(f"{folder} lacks {', '.join(missing)}; write it with `zoo export CHECKPOINT --name NAME` "
+                          f"(or rebuild it from the folder's weights: `zoo export {folder} --name NAME --force`)")
     try:
         config = json.loads((folder / CONFIG_FILE).read_text())
     except json.JSONDecodeError as e:

@@ -48,18 +48,37 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: int, opse
     """
     if weights_dtype not in ("float32", "float16"):
         raise ValueError(f"weights_dtype must be 'float32' or 'float16', got {weights_dtype!r}")
-    onnx = require("onnx", "onnx", "ONNX export")
+    require("onnx", "onnx", "ONNX export")
     if int(opset) < MIN_OPSET:
         raise ValueError(f"opset {opset} is too old for ssl-zoo's ONNX files; pass opset >= {MIN_OPSET}")
     if int(input_size) < 8:
         raise ValueError(f"input_size must be the model's input side in pixels (e.g. spec.input_size), "
                          f"got {input_size}")
+    meta = {"producer": "ssl-zoo", "input_layout": "NCHW", "input_size": str(input_size)}
+    doc = (f"ssl-zoo backbone. Input '{INPUT_NAME}': float32 [N, 3, {input_size}, {input_size}], normalised. "
+           f"Output '{OUTPUT_NAME}': float32 [N, D] pooled features.")
+    return _write_checked_onnx(
+        model, path, int(input_size), int(opset), [OUTPUT_NAME], {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        # Folding BatchNorm into the convolutions would make fp16-stored weights inexact.
+        fold_constants=weights_dtype == "float32", fp16_weights=weights_dtype == "float16", doc=doc, meta=meta)
+
+
+def _write_checked_onnx(model: nn.Module, path: str | os.PathLike, size: int, opset: int, output_names: list[str],
+                        dynamic_axes: dict[str, dict[int, str]], fold_constants: bool, fp16_weights: bool, doc: str,
+                        meta: dict[str, str]) -> Path:
+    """Trace a CPU copy of `model` to `path` with its doc string and metadata (plus the spec's preprocessing),
+    `onnx.checker`-clean; the file appears only once complete (temp file + rename)."""
+    onnx = require("onnx", "onnx", "ONNX export")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Export a CPU copy in eval mode: BatchNorm must use its running stats, and the caller's module
     # (device, train/eval state) is left as it was.
     cpu_model = copy.deepcopy(model).float().cpu().eval()
-    dummy = torch.zeros(2, 3, int(input_size), int(input_size))
+    dummy = torch.zeros(2, 3, size, size)
+    spec = getattr(model, "spec", None)
+    if spec is not None:  # preprocessing constants for onnxruntime-only users
+        meta = {**meta, "name": spec.name, "mean": ",".join(map(str, spec.mean)), "std": ",".join(map(str, spec.std)),
+                "resize_size": str(spec.resize_size), "interpolation": spec.interpolation}
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -68,23 +87,13 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: int, opse
             # The TorchScript-based exporter needs no onnxscript (not in the [onnx] extra) and traces
             # these plain ResNets exactly; its deprecation and tracer notices are expected here.
             warnings.simplefilter("ignore")
-            torch.onnx.export(
-                cpu_model, (dummy,), str(tmp), dynamo=False, opset_version=int(opset),
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                # Folding BatchNorm into the convolutions would make fp16-stored weights inexact.
-                do_constant_folding=weights_dtype == "float32",
-            )
+            torch.onnx.export(cpu_model, (dummy,), str(tmp), dynamo=False, opset_version=opset,
+                              input_names=[INPUT_NAME], output_names=output_names, dynamic_axes=dynamic_axes,
+                              do_constant_folding=fold_constants)
         proto = onnx.load(str(tmp))
-        if weights_dtype == "float16":
+        if fp16_weights:
             _store_initializers_fp16(proto)
-        proto.doc_string = (f"ssl-zoo backbone. Input '{INPUT_NAME}': float32 [N, 3, {input_size}, {input_size}], "
-                            f"normalised. Output '{OUTPUT_NAME}': float32 [N, D] pooled features.")
-        spec = getattr(model, "spec", None)
-        meta = {"producer": "ssl-zoo", "input_layout": "NCHW", "input_size": str(input_size)}
-        if spec is not None:  # preprocessing constants for onnxruntime-only users
-            meta.update(name=spec.name, mean=",".join(map(str, spec.mean)), std=",".join(map(str, spec.std)),
-                        resize_size=str(spec.resize_size), interpolation=spec.interpolation)
+        proto.doc_string = doc
         for key, value in meta.items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
@@ -193,7 +202,7 @@ def export_features_onnx(model: nn.Module, path: str | os.PathLike, input_size: 
     are dynamic (traced at `input_size`, default the model's `spec.input_size`). The channels, reductions and
     output names are stored in the file's metadata. Temp file + rename, `onnx.checker` as `export_onnx`.
     """
-    onnx = require("onnx", "onnx", "ONNX export")
+    require("onnx", "onnx", "ONNX export")
     if int(opset) < MIN_OPSET:
         raise ValueError(f"opset {opset} is too old for ssl-zoo's ONNX files; pass opset >= {MIN_OPSET}")
     names = getattr(model, "output_names", None)
@@ -205,39 +214,15 @@ def export_features_onnx(model: nn.Module, path: str | os.PathLike, input_size: 
     size = int(input_size if input_size is not None else (spec.input_size if spec is not None else 0))
     if size < 8:
         raise ValueError(f"input_size must be an input side in pixels (e.g. spec.input_size), got {input_size}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cpu_model = copy.deepcopy(model).float().cpu().eval()
-    dummy = torch.zeros(2, 3, size, size)
     axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
             **{n: {0: "batch", 2: f"{n}_height", 3: f"{n}_width"} for n in names}}
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # TorchScript exporter notices, as in export_onnx
-            torch.onnx.export(cpu_model, (dummy,), str(tmp), dynamo=False, opset_version=int(opset),
-                              input_names=[INPUT_NAME], output_names=list(names), dynamic_axes=axes,
-                              do_constant_folding=True)
-        proto = onnx.load(str(tmp))
-        proto.doc_string = (f"ssl-zoo feature maps. Input '{INPUT_NAME}': float32 [N, 3, H, W], normalised. "
-                            f"Outputs {', '.join(names)}: float32 [N, C, H/r, W/r] with channels "
-                            f"{info.channels()} and reductions {info.reduction()}.")
-        meta = {"producer": "ssl-zoo", "input_layout": "NCHW", "input_size": str(size), "outputs": ",".join(names),
-                "channels": ",".join(map(str, info.channels())), "reductions": ",".join(map(str, info.reduction()))}
-        if spec is not None:
-            meta.update(name=spec.name, mean=",".join(map(str, spec.mean)), std=",".join(map(str, spec.std)),
-                        resize_size=str(spec.resize_size), interpolation=spec.interpolation)
-        for key, value in meta.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-        onnx.checker.check_model(proto, full_check=True)
-        onnx.save(proto, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    doc = (f"ssl-zoo feature maps. Input '{INPUT_NAME}': float32 [N, 3, H, W], normalised. Outputs "
+           f"{', '.join(names)}: float32 [N, C, H/r, W/r] with channels {info.channels()} and reductions "
+           f"{info.reduction()}.")
+    meta = {"producer": "ssl-zoo", "input_layout": "NCHW", "input_size": str(size), "outputs": ",".join(names),
+            "channels": ",".join(map(str, info.channels())), "reductions": ",".join(map(str, info.reduction()))}
+    return _write_checked_onnx(model, path, size, int(opset), list(names), axes, fold_constants=True,
+                               fp16_weights=False, doc=doc, meta=meta)
 
 
 @torch.no_grad()
