@@ -159,6 +159,18 @@ def _fmt(value: float | None, unit: str = "") -> str:
     return NOT_MEASURED if value is None else f"{value:.2f}{unit}"
 
 
+def _small_input_note(spec: ModelSpec, arch: Any, display: str) -> str:
+    """Say plainly what an ImageNet-stem network trained on small images is (and is not)."""
+    if arch.small_stem or spec.input_size >= 96:
+        return ""
+    side = spec.input_size // 4  # stride-2 conv + stride-2 max-pool
+    return (f"\n**What this is:** a {arch.description}, trained on {spec.input_size}-px {display} images "
+            f"(the stem leaves {side}x{side} maps after its max-pool, {max(1, -(-spec.input_size // 32))}x"
+            f"{max(1, -(-spec.input_size // 32))} in the last stage): useful for that domain and as a working "
+            f"example of the pipeline, **not an ImageNet backbone**. For ImageNet features use a model tagged "
+            f"`.in1k`.\n")
+
+
 def _arxiv(paper: str) -> str | None:
     m = re.search(r"arXiv:(\d{4}\.\d{4,5})", paper)
     return m.group(1) if m else None
@@ -320,7 +332,7 @@ def build_card(spec: ModelSpec, checkpoint: TrainedCheckpoint, results: Results,
 A **{method_name}** self-supervised backbone: {arch.description}, pretrained on {pretrained_on} without labels
 by ssl-zoo. It maps an image to a **{spec.feature_dim}-d** feature vector
 (the globally pooled output of the last ResNet stage; the method's projector/predictor heads are not included).
-
+{_small_input_note(spec, arch, display)}
 ## Load it in one line
 
 ```python

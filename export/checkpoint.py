@@ -221,6 +221,7 @@ def parse_results(data: Any, p: Path) -> Results:
 
 EXPORTED_CONFIG = "config.json"
 EXPORTED_WEIGHTS = "model.safetensors"
+_PROTOCOL_LINE = re.compile(r"^Protocol: (.+)$", re.M)
 _MONITOR_ROW = re.compile(r"^\| k-NN monitor at the end of training \| ([0-9.]+) %", re.M)
 
 
@@ -256,17 +257,21 @@ def read_exported(folder: str | os.PathLike) -> tuple[TrainedCheckpoint, Results
         raise ExportError(f"{p}: {recipe_path} has changed since this model was exported (sha256 "
                           f"{config_hash(recipe)[:12]}... vs {str(recipe_hash)[:12]}...); export from the training "
                           f"run's checkpoint.pt, which holds the recipe it was trained with")
+    recipe = json.loads(json.dumps(recipe, sort_keys=True))  # key order as a checkpoint's recipe_json holds it
     state, _ = load_backbone(p / EXPORTED_WEIGHTS)
+    card = (p / "README.md").read_text() if (p / "README.md").is_file() else ""
     monitor = extra.get("monitor_knn")
-    if monitor is None and (p / "README.md").is_file():  # folders exported before monitor_knn was recorded
-        found = _MONITOR_ROW.search((p / "README.md").read_text())
+    if monitor is None:  # folders exported before monitor_knn was recorded: the card's row
+        found = _MONITOR_ROW.search(card)
         monitor = float(found.group(1)) if found else None
     ckpt = TrainedCheckpoint(path=p / EXPORTED_WEIGHTS, backbone=state, recipe=recipe, recipe_hash=recipe_hash,
                              history=[] if monitor is None else [{"knn_top1": monitor}],
                              step=int(extra.get("steps", 0)), epoch=int(extra.get("epochs", 0)))
     measured = extra.get("results")
-    if measured is None:
-        measured = {**(config.get("metrics") or {}), "train_minutes": config.get("train_minutes")}
+    if measured is None:  # folders exported before extra.results: config.json's numbers, the card's protocol line
+        found = _PROTOCOL_LINE.search(card)
+        measured = {**(config.get("metrics") or {}), "train_minutes": config.get("train_minutes"),
+                    "protocol": found.group(1).strip() if found else None}
     return ckpt, parse_results({k: v for k, v in measured.items() if v is not None}, p / EXPORTED_CONFIG)
 
 

@@ -425,6 +425,8 @@ def test_a_shipped_folder_is_re_carded_keeping_its_bytes_numbers_and_adding_new_
     folder = env / name
     shutil.copytree(source, folder)
     before = json.loads((folder / "config.json").read_text())
+    protocol_line = next(line for line in (folder / "README.md").read_text().splitlines()
+                         if line.startswith("Protocol: "))
     new = tmp_path / "new.json"
     new.write_text(json.dumps({"knn_dinov2_k10": 83.5, "linear_1pct": 70.25,
                                "transfer_protocols": {"linear_1pct": "test: 1% of the labels"}}))
@@ -443,6 +445,7 @@ def test_a_shipped_folder_is_re_carded_keeping_its_bytes_numbers_and_adding_new_
     export_model(folder, name, results=again, force=True)  # a second re-card keeps the first one's numbers
     card = (folder / "README.md").read_text()
     assert "| `knn_dinov2_k10` |" in card and "| `knn_lightly_k200` |" in card and "| 70.25 |" in card
+    assert protocol_line in card.splitlines()  # the measured protocol, not a generic one
 
 
 def test_re_carding_refuses_a_folder_whose_recipe_file_changed(env, tmp_path):
@@ -460,3 +463,16 @@ def test_re_carding_refuses_a_folder_whose_recipe_file_changed(env, tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ExportError, match="has changed since this model was exported"):
         export_model(folder, name, force=True)
+
+
+def test_card_says_plainly_that_an_imagenet_stem_net_on_small_images_is_not_an_imagenet_backbone():
+    from export.card import _small_input_note, dataset_info
+    from zoo.backbones import get_arch
+
+    for name, expected in (("wmse-resnet50.fmnist", True), ("wmse-resnet18_narrow.fmnist", False),
+                           ("wmse-resnet50.in1k", False), ("wmse-resnet18_cifar.c10", False)):
+        spec = zoo.get_spec(name)
+        note = _small_input_note(spec, get_arch(spec.arch), dataset_info(spec)[1])
+        assert ("not an ImageNet backbone" in note) is expected, name
+    spec = zoo.get_spec("wmse-resnet50.fmnist")
+    assert "7x7 maps after its max-pool, 1x1 in the last stage" in _small_input_note(spec, get_arch(spec.arch), "x")

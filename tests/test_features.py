@@ -43,6 +43,20 @@ def test_last_feature_map_average_pooled_equals_the_pooled_model(name, x_shape):
     assert maps.spec == pooled.spec and repr(maps.preprocess) == repr(pooled.preprocess)
 
 
+@pytest.mark.parametrize("name", ["wmse-resnet18_narrow.fmnist", "wmse-resnet50"])
+def test_shipped_weights_last_feature_map_average_pooled_equals_the_pooled_model(name):
+    if not zoo.get_spec(name).has_weights:
+        pytest.skip(f"{name} has no shipped weights")
+    pooled = zoo.load(name, device="cpu")
+    maps = zoo.load(name, device="cpu", features_only=True)
+    images = torch.randint(0, 256, (2, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x = pooled.preprocess(images[:, None])  # real preprocessing of Fashion-MNIST-sized inputs
+    with torch.no_grad():
+        last, expected = maps(x)[-1], pooled(x)
+    assert torch.equal(maps.conv1.weight, pooled.conv1.weight)  # the shipped weights, not a fresh init
+    assert (last.mean(dim=(2, 3)) - expected).abs().max().item() <= 1e-5
+
+
 def test_features_only_shares_the_pooled_models_tensors_without_copy():
     model = zoo.load("wmse-resnet18_narrow.fmnist", pretrained=False, device="cpu")
     view = features_only(model, (2, 4))

@@ -20,7 +20,9 @@ COLUMNS = (("knn_k20", "k-NN k=20"), ("knn_k200", "k-NN k=200"), ("knn5_majority
 BASELINES = {
     "fmnist": (("raw pixels (standardised 784-d)", "fmnist-pixels.json", None, "zoo eval knn|linear pixels"),
                ("resnet18_narrow, random init", "fmnist-random-resnet18_narrow.json", "resnet18_narrow",
-                "zoo eval knn|linear wmse-resnet18_narrow.fmnist --untrained")),
+                "zoo eval knn|linear wmse-resnet18_narrow.fmnist --untrained"),
+               ("resnet50, random init", "fmnist-random-resnet50.json", "resnet50",
+                "zoo eval knn|linear wmse-resnet50.fmnist --untrained")),
 }
 
 
