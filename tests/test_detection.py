@@ -38,7 +38,12 @@ def _images_and_boxes(n=2, seed=0):
 
 
 def test_faster_rcnn_on_wmse_resnet50_trains_frozen_layers_and_bn_stay_trainable_ones_move():
-    backbone = zoo.detection_backbone("wmse-resnet50", pretrained=False)
+    shipped = zoo.get_spec("wmse-resnet50").has_weights  # the shipped ResNet-50 when the checkout has it
+    backbone = zoo.detection_backbone("wmse-resnet50", pretrained=shipped)
+    if shipped:  # its weights and BatchNorm statistics, not a fresh init
+        pooled = zoo.load("wmse-resnet50", device="cpu")
+        assert torch.equal(backbone.body.conv1.weight, pooled.conv1.weight)
+        assert torch.equal(backbone.body.bn1.running_mean, pooled.bn1.running_mean)
     assert isinstance(backbone, torchvision.models.detection.backbone_utils.BackboneWithFPN)
     assert backbone.out_channels == 256
     assert not any(isinstance(m, nn.BatchNorm2d) for m in backbone.modules())  # all BatchNorm frozen

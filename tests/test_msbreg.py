@@ -56,20 +56,40 @@ def test_random_directions_come_from_the_generator_only():
     assert torch.equal(a, b)
 
 
-def test_centroid_loss_is_zero_when_centroids_agree_and_target_gets_no_gradient():
+def test_centroid_loss_is_zero_when_each_view_agrees_with_the_other_views_target_centroid():
     g = torch.Generator().manual_seed(0)
-    q = [torch.randn(6, 8, generator=g, requires_grad=True) for _ in range(3)]
-    # Agreeing centroids: each target view a positive rescaling of the online one (directions equal).
-    t = [(2.0 * x.detach()).requires_grad_() for x in q]
+    x = torch.randn(6, 8, generator=g)
+    # Every view of an image points the same way (targets a positive rescaling): zero.
+    q = [(s * x).requires_grad_() for s in (1.0, 0.5, 3.0)]
+    t = [(2.0 * x).requires_grad_() for _ in range(3)]
     assert centroid_loss(q, t).abs() < 1e-6
-    # Normalising before averaging: a permutation of the views leaves the centroid unchanged.
-    assert centroid_loss(q, t[::-1]).abs() < 1e-6
     t_other = [torch.randn(6, 8, generator=g, requires_grad=True) for _ in range(3)]
     loss = centroid_loss(q, t_other)
     assert 0 < loss < 4
     loss.backward()
-    assert all(x.grad is not None for x in q)
-    assert all(x.grad is None for x in t_other)
+    assert all(v.grad is not None for v in q)
+    assert all(v.grad is None for v in t_other)
+
+
+def test_centroid_loss_gives_no_credit_for_matching_only_the_views_own_target():
+    # The shortcut of a first reading (all views in both centroids): the predictor copies each view's own
+    # target embedding. With different views that must cost as much as BYOL's cross-view term, not zero.
+    g = torch.Generator().manual_seed(0)
+    z = [torch.randn(16, 8, generator=g) for _ in range(2)]
+    own = centroid_loss([v.clone() for v in z], z)
+    byol = torch.stack([2 - 2 * F.cosine_similarity(z[0], z[1], dim=1)] * 2).mean()
+    torch.testing.assert_close(own, byol)
+    assert own > 0.5
+    # K = 3: view k's target is the mean of the other two normalised target views.
+    q = [torch.randn(16, 8, generator=g) for _ in range(3)]
+    t = [torch.randn(16, 8, generator=g) for _ in range(3)]
+    n = [F.normalize(v, dim=1) for v in t]
+    by_hand = torch.stack([2 - 2 * F.cosine_similarity(q[0], (n[1] + n[2]) / 2, dim=1),
+                           2 - 2 * F.cosine_similarity(q[1], (n[0] + n[2]) / 2, dim=1),
+                           2 - 2 * F.cosine_similarity(q[2], (n[0] + n[1]) / 2, dim=1)]).mean()
+    torch.testing.assert_close(centroid_loss(q, t), by_hand)
+    with pytest.raises(ValueError, match="K >= 2"):
+        centroid_loss([q[0]], [t[0]])
 
 
 def test_effective_rank_is_d_for_a_flat_spectrum_and_one_for_rank_one():
@@ -135,6 +155,6 @@ def test_terms_run_in_fp32_under_bf16_autocast():
         z = lin(torch.randn(16, 8))
         q = lin(torch.randn(16, 8))
         assert z.dtype == torch.bfloat16
-        terms = [centroid_loss([q], [z]), singular_value_loss(z, normalize=True), effective_rank(z),
+        terms = [centroid_loss([q, z], [z, q]), singular_value_loss(z, normalize=True), effective_rank(z),
                  brownian_loss(z, random_directions(16, 8, torch.Generator().manual_seed(0)))]
     assert all(t.dtype == torch.float32 and torch.isfinite(t) for t in terms)

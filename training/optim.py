@@ -16,6 +16,13 @@ class LARS(torch.optim.Optimizer):
     `lars=True`; groups with `lars=False` (BN parameters and biases, per the authors) get plain
     SGD-momentum with their own weight decay (0 for them in the recipes). Written by hand because
     torch ships no LARS.
+
+    Against the EquiMod authors' `LARSW` (ADevillers/EquiMod@908c7b4 src/lars.py), read 2026-11-29: the
+    trust ratio is theirs (weight decay added to the gradient first, then eta * ||w|| / ||g + wd * w||,
+    1 when either norm is 0). One deliberate difference: their momentum buffer accumulates lr-scaled
+    steps (buf = m * buf + lr * trust * d), ours accumulates unscaled ones and multiplies by the current
+    lr (torch.optim.SGD's convention). Identical at constant lr; under warm-up/cosine the two differ by
+    how fast an lr change reaches the update (ours: at once; theirs: through the momentum average).
     """
 
     def __init__(self, params: Iterable, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,

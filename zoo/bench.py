@@ -10,6 +10,7 @@ fastest of several runs) by the model's FLOPs per image (torch's FLOP counter, 2
 from __future__ import annotations
 
 import gc
+import math
 import statistics
 import sys
 import time
@@ -268,6 +269,7 @@ def bench_index(exact_n: int = 100_000, exact_dim: int = 512, queries: int = 100
     x, qa = clustered_vectors(ann_n, ann_dim, ann_queries)
     kk = 10
     nlist = ann_nlist or max(1, min(1024, ann_n // 39))
+    nlist_large = ann_nlist or max(1, min(2 ** round(math.log2(4 * math.sqrt(ann_n))), ann_n // 39))
     _say(f"\napproximate k-NN: {ann_n} x {ann_dim} clustered vectors (2000 centres), {ann_queries} queries, "
          f"recall@{kk} against flat, cosine")
     results = []
@@ -275,7 +277,7 @@ def bench_index(exact_n: int = 100_000, exact_dim: int = 512, queries: int = 100
     def build(kind: str, **kw) -> tuple[Index, float, float]:
         idx = Index(ann_dim, metric="cosine", kind=kind, device="cpu", **kw)
         t0 = time.perf_counter()
-        idx.train(x[: min(ann_n, 40 * max(nlist, 256))], n_expected=ann_n)
+        idx.train(x[: min(ann_n, 40 * max(kw.get("nlist", nlist), 256))], n_expected=ann_n)
         empty = index_bytes(idx)
         idx.add(x)
         built = time.perf_counter() - t0
@@ -292,6 +294,9 @@ def bench_index(exact_n: int = 100_000, exact_dim: int = 512, queries: int = 100
     gc.collect()
     sweeps: list[tuple[str, dict, str, list[int]]] = [
         ("ivf", {"nlist": nlist}, "nprobe", [4, 8, 16, 32, 64]),
+        # FAISS's guideline for about 1M vectors: 4*sqrt(N) to 16*sqrt(N) lists (faiss wiki, "Guidelines to choose
+        # an index"); the lower end, as a power of two.
+        *([("ivf", {"nlist": nlist_large}, "nprobe", [8, 16, 32, 64])] if nlist_large != nlist else []),
         ("hnsw", {}, "ef_search", [16, 32, 64, 128, 256]),
         ("sq8", {}, "", [0]),
     ]

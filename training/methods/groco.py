@@ -180,6 +180,12 @@ def groco_loss(views: list[torch.Tensor], topk_neg: int = 10, steepness: float =
     Why the order matters: each block is pre-sorted and the negatives come first, so the
     ground-truth permutation is exactly the identity and the loss constrains only the *groups*
     (every positive above every negative), not the order within a group.
+    Why not distances with mirrored targets, which look equivalent: the odd-even network is mirror-
+    symmetric only for an even number of wires. For odd n (n = 10 + 1 = 11 with the published 2-view
+    config) reversing the wires maps the layer that starts at wire 0 onto the one that starts at wire 1,
+    i.e. onto a different network, and since the Cauchy relaxation at steepness 1 never saturates the
+    soft permutation, and so the loss and its gradient, differ: only similarities ascending reproduce
+    the authors' numbers.
 
     Runs in fp32 outside autocast (fp64 inputs stay fp64); sorters are cached per
     (n, steepness, device, dtype) in `sorters` (a module-level cache when None).

@@ -37,6 +37,15 @@ Deliberate differences from the authors' code, and why:
 7. Only the normalised loss (`norm_mse_loss`, the authors' default) is provided; their `--no_norm`
    switch (plain MSE of whitened vectors) appears in none of the README recipes.
 No stop-gradient is added (solo-learn's `z2.detach()` changes the gradient, spec 1.2/1.9).
+
+On invariance (the loss, not a change from the authors): Cholesky whitening maps `x A + b` to the
+whitened `x` when `A` is upper triangular (`chol(A^T S A) = A^T chol(S) D`, D a sign matrix shared by
+the views), so the loss is
+invariant to a shared upper-triangular affine map of a sub-batch's embeddings. For a general
+invertible `A` each view comes out rotated by its own orthogonal factor (it depends on that view's
+covariance), so the cosines between views, and the loss, change: no Cholesky-whitened loss (the
+authors' included) is invariant to every affine map. The tests pin the triangular invariance and
+that a rotation does change the loss.
 """
 
 from __future__ import annotations
