@@ -171,6 +171,11 @@ def test_wmse_loss_rejects_w_size_below_twice_emb():
         wmse_loss(_views(n=32, emb=8), w_size=8)
 
 
+def test_wmse_loss_refuses_to_draw_from_the_global_rng():
+    with pytest.raises(ValueError, match="generator=torch.Generator"):
+        wmse_loss(_views(n=32, emb=4), w_size=16)
+
+
 def test_wmse_loss_rejects_a_batch_not_divisible_by_w_size():
     with pytest.raises(ValueError, match="not a multiple of w_size=8"):
         wmse_loss(_views(n=20, emb=4), w_size=8)

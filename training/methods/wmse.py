@@ -108,6 +108,9 @@ def whiten(x: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
 def _draw_perms(n: int, w_iter: int, perms: torch.Tensor | None, generator: torch.Generator | None,
                 device: torch.device) -> torch.Tensor:
     if perms is None:
+        if generator is None:  # a pure function of its arguments: no draw from the global RNG
+            raise ValueError("wmse_loss needs perms=[w_iter, N] or generator=torch.Generator(): it draws no "
+                             "randomness from the global RNG")
         # Drawn one after another, so `perms` built the same way reproduces this path exactly.
         perms = torch.stack([torch.randperm(n, generator=generator) for _ in range(w_iter)])
     elif tuple(perms.shape) != (w_iter, n):
@@ -129,7 +132,7 @@ def wmse_loss(views: Sequence[torch.Tensor], w_size: int, w_iter: int = 1, eps: 
     normalised whitened vectors. Gradients flow through the whitening (no stop-gradient).
 
     perms: `[w_iter, N]` integer permutations to use (tests); otherwise drawn with
-    `torch.randperm(N, generator=generator)`, iteration after iteration. All sub-batches are
+    `torch.randperm(N, generator=generator)`, iteration after iteration (one of the two is required). All sub-batches are
     whitened in one batched Cholesky. Runs in fp32 (fp64 kept) with autocast disabled.
     """
     d = len(views)
