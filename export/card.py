@@ -164,9 +164,10 @@ def _small_input_note(spec: ModelSpec, arch: Any, display: str) -> str:
     if arch.small_stem or spec.input_size >= 96:
         return ""
     side = spec.input_size // 4  # stride-2 conv + stride-2 max-pool
+    last = max(1, -(-spec.input_size // 32))  # ceil: the last stage's map side at reduction 32
     return (f"\n**What this is:** a {arch.description}, trained on {spec.input_size}-px {display} images "
-            f"(the stem leaves {side}x{side} maps after its max-pool, {max(1, -(-spec.input_size // 32))}x"
-            f"{max(1, -(-spec.input_size // 32))} in the last stage): useful for that domain and as a working "
+            f"(the stem leaves {side}x{side} maps after its max-pool, {last}x{last} in the last stage): useful "
+            f"for that domain and as a working "
             f"example of the pipeline, **not an ImageNet backbone**. For ImageNet features use a model tagged "
             f"`.in1k`.\n")
 

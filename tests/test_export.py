@@ -414,21 +414,22 @@ def test_fp16_onnx_stores_half_precision_weights_and_matches_pytorch(tmp_path):
     assert check_onnx_parity(model, fp16, images, atol=1e-4) < 1e-4
 
 
-def _shipped_copy(env: Path, name: str) -> tuple[str, Path]:
+def _shipped_copy(env: Path, name: str) -> Path:
     """A copy of the shipped folder `model_cards/<name>` under `env` (skips when the checkout lacks its weights)."""
     source = Path(__file__).resolve().parents[1] / "model_cards" / name
     if not (source / "model.safetensors").exists():
         pytest.skip(f"{name} weights are not shipped")
     folder = env / name
     shutil.copytree(source, folder)
-    return name, folder
+    return folder
 
 
 def test_a_shipped_folder_is_re_carded_keeping_its_bytes_numbers_and_adding_new_ones(env, tmp_path):
     """A shipped model whose run is gone: `zoo export model_cards/NAME --results new.json --force`."""
     from export.checkpoint import ExportError
     from export.publish import export_model
-    name, folder = _shipped_copy(env, "isd-resnet18_narrow.fmnist")
+    name = "isd-resnet18_narrow.fmnist"
+    folder = _shipped_copy(env, name)
     before = json.loads((folder / "config.json").read_text())
     protocol_line = next(line for line in (folder / "README.md").read_text().splitlines()
                          if line.startswith("Protocol: "))
@@ -457,7 +458,8 @@ def test_re_carding_refuses_a_folder_whose_recipe_file_changed(env, tmp_path):
     from export.checkpoint import ExportError
     from export.publish import export_model
 
-    name, folder = _shipped_copy(env, "isd-resnet18_narrow.fmnist")
+    name = "isd-resnet18_narrow.fmnist"
+    folder = _shipped_copy(env, name)
     config = json.loads((folder / "config.json").read_text())
     config["extra"]["recipe_hash"] = "f" * 64
     (folder / "config.json").write_text(json.dumps(config))
