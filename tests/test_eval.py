@@ -132,6 +132,29 @@ def test_low_precisions_are_checked_against_fp32_stored_beside_the_onnx_file_and
     assert out.features.shape == (8, 256) and bool((cos > 0.99).all())
 
 
+
+def test_int8_file_and_checks_of_an_older_recipe_are_made_again(cache, model):
+    from zoo import quantize
+
+    quantize.check_precision(model, "int8", sizes=(1000, 200))
+    d = quantize.model_cache_dir(model)
+    info = json.loads((d / "onnx.json").read_text())
+    assert info["int8"]["recipe"] == quantize.INT8_RECIPE
+    # Pretend both were made under an older recipe / rule: stale files are replaced, not reused.
+    info["int8"]["recipe"] = "an older recipe"
+    (d / "onnx.json").write_text(json.dumps(info))
+    (d / "model.int8.onnx").write_bytes(b"stale")
+    report = json.loads((d / "precision.json").read_text())
+    report["int8"].pop("check_version")
+    report["int8"]["knn_k20"] = -1.0
+    (d / "precision.json").write_text(json.dumps(report))
+
+    entry = quantize.check_precision(model, "int8", sizes=(1000, 200))
+    assert entry["check_version"] == quantize.CHECK_VERSION and entry["knn_k20"] >= 0
+    assert entry["int8_recipe"] == quantize.INT8_RECIPE
+    assert (d / "model.int8.onnx").read_bytes() != b"stale"
+    assert json.loads((d / "onnx.json").read_text())["int8"]["recipe"] == quantize.INT8_RECIPE
+
 def test_bench_embed_smoke_measures_every_variant_side_by_side(cache, capsys):
     from zoo.bench import bench_embed
 

@@ -24,11 +24,16 @@ def _say(msg: str = "") -> None:
     print(msg, flush=True)
 
 
-def _median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+def _median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1, min_seconds: float = 1.0) -> float:
+    """Median seconds of `fn` over at least `repeats` calls and at least `min_seconds` of calls.
+
+    The time floor matters for small models: 4 batches of a 28-px net last ~40 ms, where one
+    scheduler hiccup moved a ratio by 2x between runs.
+    """
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(max(1, repeats)):
+    times: list[float] = []
+    while len(times) < max(1, repeats) or sum(times) < min_seconds:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
@@ -145,7 +150,7 @@ def _bench_model(name: str, batch_size: int, batches: int, check: bool, image_si
         _say(f"  ratios vs onnxruntime fp32: " + ", ".join(f"{label.split(' (')[0]} {v / ort_fp32:.2f}x"
                                                         for label, v, _ in rows))
     return {"model": model.spec.name, "rows": rows, "ort_fp32": ort_fp32, "ours_fp32": ours_fp32,
-            "accepted": accepted, "limit": limit}
+            "accepted": accepted, "limit": limit, "goal_3x": model.spec.arch == "resnet50"}
 
 
 def bench_embed(models: Sequence[str] = ("wmse-resnet50", "wmse-resnet18_narrow.fmnist"), batch_size: int = 32,
@@ -155,7 +160,7 @@ def bench_embed(models: Sequence[str] = ("wmse-resnet50", "wmse-resnet18_narrow.
     """Embedding throughput per model: eager fp32, channels_last, onnxruntime fp32, ours (fp32, bf16, int8)."""
     peak = matmul_flops(matmul_size)
     _say(f"bench embed: {torch.get_num_threads()} torch threads; best fp32 matmul {peak / 1e9:.1f} GFLOP/s; "
-         f"median of {batches} batches after 1 warm-up")
+         f"median of >= {batches} batches and >= 1 s per variant, after 1 warm-up")
     results = []
     for name in models:
         res = _bench_model(name, batch_size, batches, check, image_size, peak, variants)
@@ -168,7 +173,12 @@ def bench_embed(models: Sequence[str] = ("wmse-resnet50", "wmse-resnet18_narrow.
             others = ", ".join(f"backend={b} {v / res['ort_fp32']:.2f}x" for b, v in res["ours_fp32"].items())
             _say(f"goal {res['model']}: our fp32 path >= onnxruntime fp32: best backend={best} {r:.2f}x "
                  f"{'MET' if r >= 0.98 else 'NOT MET'} ({others}; 2% = timing noise of one run)")
-        if res["ort_fp32"]:
+        if res["ort_fp32"] and not res["goal_3x"]:  # the issue sets the 3x goal for ResNet-50 only
+            if res["accepted"]:
+                best = max(res["accepted"], key=res["accepted"].get)
+                _say(f"{res['model']}: best accepted precision ({best}) "
+                     f"{res['accepted'][best] / res['ort_fp32']:.2f}x onnxruntime fp32")
+        elif res["ort_fp32"]:
             if res["accepted"]:
                 best = max(res["accepted"], key=res["accepted"].get)
                 r = res["accepted"][best] / res["ort_fp32"]
