@@ -219,3 +219,20 @@ def test_every_shipped_model_loads_offline_from_model_cards_with_its_checked_sha
     model = zoo.load(name, device="cpu")
     x = model.preprocess(torch.zeros(2, 1, spec.input_size, spec.input_size, dtype=torch.uint8))
     assert model(x).shape == (2, spec.feature_dim)
+
+
+@pytest.mark.parametrize("name", zoo.list_models(pretrained_only=True) or ["(none shipped)"])
+def test_every_shipped_model_was_trained_by_its_recipe_file_as_committed(name):
+    # The card's recipe_hash is the sha256 of the resolved recipe the weights were trained with: editing a
+    # recipe without retraining (or shipping a run made with --set overrides) breaks `zoo train RECIPE`
+    # reproducing the shipped row.
+    if name == "(none shipped)":
+        pytest.skip("no weights shipped yet")
+    from training.recipe import config_hash, load_recipe
+    from zoo.hub import model_cards_dir
+
+    spec = zoo.get_spec(name)
+    config = json.loads((model_cards_dir() / name / "config.json").read_text())
+    assert config["recipe"] == spec.recipe
+    assert config_hash(load_recipe(spec.recipe)) == config["extra"]["recipe_hash"], (
+        f"{spec.recipe} differs from the recipe {name} was trained with")
