@@ -132,7 +132,6 @@ def test_low_precisions_are_checked_against_fp32_stored_beside_the_onnx_file_and
     assert out.features.shape == (8, 256) and bool((cos > 0.99).all())
 
 
-
 def test_int8_file_and_checks_of_an_older_recipe_are_made_again(cache, model):
     from zoo import quantize
 
@@ -154,6 +153,7 @@ def test_int8_file_and_checks_of_an_older_recipe_are_made_again(cache, model):
     assert entry["int8_recipe"] == quantize.INT8_RECIPE
     assert (d / "model.int8.onnx").read_bytes() != b"stale"
     assert json.loads((d / "onnx.json").read_text())["int8"]["recipe"] == quantize.INT8_RECIPE
+
 
 def test_bench_embed_smoke_measures_every_variant_side_by_side(cache, capsys):
     from zoo.bench import bench_embed
