@@ -61,6 +61,29 @@ def test_schedule_warms_up_linearly_then_follows_cosine_or_steps():
     assert lr_factor(85, 100, 10, step) == pytest.approx(0.04)
 
 
+def test_milestone_fractions_resolve_to_epochs_of_the_run_and_follow_an_epochs_override(tmp_path):
+    recipe = yaml.safe_load((ROOT / "training" / "recipes" / "wmse" / "fmnist.yaml").read_text())
+    recipe["schedule"]["milestone_fractions"] = [0.95, 0.975]
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert load_recipe(path, ["train.epochs=7"])["schedule"]["milestones"] == [6.65, 6.825]
+    resolved = load_recipe(path, ["train.epochs=40"])
+    assert resolved["schedule"]["milestones"] == [38.0, 39.0] and "milestone_fractions" not in resolved["schedule"]
+    # Resolving is idempotent: a run's saved recipe.yaml (epochs, no fractions) loads back to the same recipe.
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(yaml.safe_dump(resolved))
+    assert load_recipe(saved) == resolved
+    recipe["schedule"]["milestones"] = [3]
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError, match="both milestones and milestone_fractions"):
+        load_recipe(path)
+    del recipe["schedule"]["milestones"]
+    recipe["schedule"]["milestone_fractions"] = [95]
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError, match=r"must lie in \(0, 1\)"):
+        load_recipe(path)
+
+
 def test_lars_excludes_batchnorm_and_biases_from_decay_and_adaptation():
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
     opt, _ = build_optimizer(model, {"name": "lars", "lr": 1.0, "weight_decay": 0.1}, 256)

@@ -104,7 +104,8 @@ def lr_factor(step: int, total_steps: int, steps_per_epoch: int, cfg: dict[str, 
     """Multiplier of the base lr at a step: linear warm-up, then cosine / step drops / constant.
 
     schedule: {kind: cosine|step|constant, warmup_epochs | warmup_steps, warmup_start: 0,
-               final_factor: 0 (cosine), milestones: [epochs] and gamma (step)}.
+               final_factor: 0 (cosine), milestones: [epochs] and gamma (step)}; a recipe's
+    `milestone_fractions` reach here as milestones (training.recipe resolves them).
     A pure function of the step, so resuming needs no scheduler state.
     """
     warmup = int(cfg.get("warmup_steps", round(float(cfg.get("warmup_epochs", 0)) * steps_per_epoch)))

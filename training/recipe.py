@@ -50,7 +50,27 @@ def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict[
     missing = [k for k in REQUIRED if k not in recipe]
     if missing:
         raise ValueError(f"recipe {path} lacks section(s) {', '.join(missing)}")
-    return apply_overrides(recipe, overrides)
+    return _resolve_milestone_fractions(apply_overrides(recipe, overrides), path)
+
+
+def _resolve_milestone_fractions(recipe: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    """`schedule.milestone_fractions: [0.95, 0.975]` -> `milestones` in epochs of this recipe's `train.epochs`.
+
+    Resolved here, after the overrides, so `--set train.epochs=N` moves the drops with the run's length and the
+    resolved recipe (what the trainer runs, hashes and writes on the card) states the drops in epochs.
+    """
+    schedule = recipe.get("schedule") or {}
+    fractions = schedule.pop("milestone_fractions", None)
+    if fractions is None:
+        return recipe
+    if "milestones" in schedule:
+        raise ValueError(f"recipe {path}: schedule gives both milestones and milestone_fractions; keep one")
+    if not all(isinstance(f, (int, float)) and 0 < f < 1 for f in fractions):
+        raise ValueError(f"recipe {path}: milestone_fractions must lie in (0, 1) (fractions of train.epochs), "
+                         f"got {fractions}")
+    # round() so that 0.95 of 7 epochs resolves to 6.65, the value a hand-written `milestones: [6.65]` parses to.
+    schedule["milestones"] = [round(float(f) * float(recipe["train"]["epochs"]), 6) for f in fractions]
+    return recipe
 
 
 def config_hash(recipe: dict[str, Any]) -> str:
