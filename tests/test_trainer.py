@@ -125,6 +125,29 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] >= 0
 
 
+def test_interrupted_train_prints_one_line_naming_resume_and_the_resumed_run_finishes(tmp_path, monkeypatch, capsys):
+    from training.trainer import Trainer
+    from zoo.cli import main
+
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(tiny_recipe(max_steps=4)))
+    run = tmp_path / "run"
+    real_step = Trainer.train_step
+
+    def step_then_ctrl_c(self, images):
+        if self.step == 2:  # after the step-0 checkpoint and two steps: what Ctrl-C mid-run looks like
+            raise KeyboardInterrupt
+        return real_step(self, images)
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_ctrl_c)
+    assert main(["train", str(recipe_path), "--out", str(run), "--no-progress"]) == 130
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and f"zoo train --resume {run}" in err[0]
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert max(_losses(run)) == 4
+
+
 def test_starting_over_an_existing_run_refuses_and_points_to_resume(tmp_path):
     from training.trainer import train
     from zoo.errors import ZooError
@@ -185,19 +208,27 @@ RECIPES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "training" / "recipes
                  if p.parent.name != "detection")  # pretraining recipes only
 
 
+def _train_two_steps(trainer) -> list[tuple[float, dict]]:
+    """(loss, logs) of two optimiser steps on the first batches; no checkpoint writes (ResNet-50 states are ~0.5 GB)."""
+    from training.data import iterate_batches
+
+    steps = []
+    for images, _, _ in iterate_batches(trainer.dataset, trainer.plan, 0, 0, 0):
+        steps.append(trainer.train_step(images))
+        trainer.step += 1
+        if trainer.step == 2:
+            break
+    return steps
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", RECIPES)
 def test_recipe_builds_its_model_and_trains_two_steps_on_generated_data(path, tmp_path):
-    from training.data import iterate_batches
     from training.trainer import Trainer
 
     trainer = Trainer(_shrunk(load_recipe(ROOT / path)), tmp_path / "run", progress=False)
-    for images, _, _ in iterate_batches(trainer.dataset, trainer.plan, 0, 0, 0):
-        loss, logs = trainer.train_step(images)  # no checkpoint writes: ResNet-50 states are ~0.5 GB
-        trainer.step += 1
+    for loss, logs in _train_two_steps(trainer):
         assert loss == loss and logs["grad_norm"] == logs["grad_norm"]
-        if trainer.step == 2:
-            break
     assert trainer.step == 2
 
 
@@ -263,17 +294,12 @@ SHIPPED_CPU_RECIPES = [p for p in RECIPES if p.endswith("/fmnist.yaml")]  # the 
 
 
 def _method_state_after_two_steps(path: str, out: Path, seed: int) -> dict[str, torch.Tensor]:
-    from training.data import iterate_batches
     from training.trainer import Trainer
 
     recipe = _shrunk(load_recipe(ROOT / path))
     recipe["train"]["seed"] = seed
     trainer = Trainer(recipe, out, progress=False)
-    for images, _, _ in iterate_batches(trainer.dataset, trainer.plan, 0, 0, 0):
-        trainer.train_step(images)
-        trainer.step += 1
-        if trainer.step == 2:
-            break
+    _train_two_steps(trainer)
     return {k: v.detach().clone() for k, v in trainer.method.state_dict().items()}
 
 

@@ -40,7 +40,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from training.recipe import load_recipe
-    from training.trainer import train
+    from training.trainer import CHECKPOINT, train
 
     if args.resume:
         out = Path(args.resume)
@@ -48,7 +48,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         recipe = load_recipe(args.recipe, args.set)
         out = Path(args.out or f"runs/{recipe['method']['name']}-{recipe['data']['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}")
-    final = train(recipe, out, resume=bool(args.resume), progress=not args.no_progress)
+    try:
+        final = train(recipe, out, resume=bool(args.resume), progress=not args.no_progress)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: checkpoints are written atomically, so the last one is intact
+        if (out / CHECKPOINT).exists():
+            print(f"\ninterrupted: {out} keeps its last checkpoint; continue with `zoo train --resume {out}`",
+                  file=sys.stderr)
+        else:
+            print("\ninterrupted before the first checkpoint: nothing to resume; start the run again", file=sys.stderr)
+        return 130
     print(f"run {out}: step {final['step']}, epoch {final['epoch']}, k-NN top-1 {final['knn_top1']:.2f}")
     return 0
 
