@@ -263,6 +263,14 @@ def test_bench_train_reports_speed_and_shares_side_by_side(capsys):
     assert "img/s" in out and "lightly-loss step / ours" in out
 
 
+def test_bench_train_bf16_prints_the_speedup_over_the_recipe_precision(capsys):
+    from training.bench import bench_train
+
+    (row,) = bench_train(["simclr"], steps=2, batch_size=64, dataset="synthetic", bf16=True)
+    assert row["bf16_channels_last_speedup"] > 0
+    assert "bf16+channels-last speed-up" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "stl10", "imagenet", "tiny_imagenet"])
 def test_missing_dataset_files_say_where_to_put_them_and_nothing_downloads(name, tmp_path):
     from training.data import build_dataset

@@ -89,7 +89,9 @@ def _time_steps(trainer: Trainer, batches: list[torch.Tensor]) -> dict[str, floa
 
 
 def bench_train(methods: list[str] | None = None, steps: int = 6, batch_size: int | None = None,
-                dataset: str | None = None) -> list[dict[str, Any]]:
+                dataset: str | None = None, bf16: bool = False) -> list[dict[str, Any]]:
+    """One row per method; `bf16=True` adds `bf16_channels_last_speedup`: the recipe's step time over
+    the same step under bf16 autocast with channels-last tensors (fp32 - bf16 - fp32 on the same batches)."""
     rows = []
     for method in methods or BENCH_METHODS:
         overrides = ["train.max_steps=1000000", "eval.knn_every=0"]
@@ -111,6 +113,14 @@ def bench_train(methods: list[str] | None = None, steps: int = 6, batch_size: in
                     row["lightly_step_ratio"] = theirs["step_s"] / ((row["step_s"] + again["step_s"]) / 2)
                 except ImportError:
                     row["lightly_step_ratio"] = None
+            if bf16:
+                fast_recipe = load_recipe(f"training/recipes/{method}/fmnist.yaml",
+                                          overrides + ["train.precision=bf16", "train.channels_last=true"])
+                with tempfile.TemporaryDirectory() as fast_tmp:
+                    fast_trainer = Trainer(fast_recipe, fast_tmp, progress=False)
+                    fast = _time_steps(fast_trainer, batches)
+                again = _time_steps(trainer, batches)
+                row["bf16_channels_last_speedup"] = (row["step_s"] + again["step_s"]) / 2 / fast["step_s"]
         rows.append(row)
         print(_format_row(row), flush=True)
     return rows
@@ -121,4 +131,6 @@ def _format_row(r: dict[str, Any]) -> str:
     lightly = f"{lightly:.2f}" if isinstance(lightly, float) else ("lightly not installed" if lightly is None else "-")
     return (f"{r['method']:15s} batch {r['batch']:4d}  {r['images_per_s']:7.1f} img/s  step {r['step_s'] * 1000:7.1f} ms  "
             f"augment {100 * r['augment']:5.1f}%  backbone fwd {100 * r['backbone_fwd']:5.1f}%  "
-            f"heads+loss fwd {100 * r['heads_loss_fwd']:5.1f}%  lightly-loss step / ours: {lightly}")
+            f"heads+loss fwd {100 * r['heads_loss_fwd']:5.1f}%  lightly-loss step / ours: {lightly}"
+            + (f"  bf16+channels-last speed-up: {r['bf16_channels_last_speedup']:.2f}x"
+               if "bf16_channels_last_speedup" in r else ""))
