@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from training.views import Views
 
-# EquiMod's parameter groups and their lengths (wmse_isd_equimod.md 3.3).
+# EquiMod's parameter groups and their lengths (docs/methods/equimod.md §3).
 PARAM_SIZES: dict[str, int] = {"crop": 5, "jitter": 10, "blur": 2, "solarize": 1}
 _GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 _CROP_TRIES = 10  # torchvision RandomResizedCrop tries 10 times before its centre-crop fallback

@@ -1,8 +1,8 @@
 """EquiMod (Devillers & Lefort, ICLR 2023): an equivariance module added to SimCLR or BYOL.
 
 Per image: the un-augmented x0 and two views t1(x), t2(x) with raw augmentation parameter
-vectors p1, p2 (`Views.params`, `[B, P]` each; P = 15 / 17 / 18 in the authors' layout, see the
-spec section 3.3). One backbone call on cat([x0, v1, v2]) (BN statistics include x0); then
+vectors p1, p2 (`Views.params`, `[B, P]` each; P = 15 / 17 / 18 in the authors' layout, see
+docs/methods/equimod.md §3). One backbone call on cat([x0, v1, v2]) (BN statistics include x0); then
 
     y = g(h) over all 3B rows,  y0 = y[:B],  y_t = [y_t1; y_t2] = y[B:]
     y_hat_t = u([ [y0; y0] ; pi(standardise([p1; p2])) ])
@@ -160,7 +160,7 @@ class _EquiModMixin:
         v1, v2 = check_two_views(batch, self.name)
         x0, params = self._equimod_inputs(batch, v1)
         b = v1.shape[0]
-        h = self.backbone(torch.cat([x0, v1, v2]))  # one call: BN statistics include x0 (spec 3.10)
+        h = self.backbone(torch.cat([x0, v1, v2]))  # one call: BN statistics include x0 (docs/methods/equimod.md §10)
         base_loss, logs = self.invariance_loss(h[b:], batch)
         y_t, y_hat = self.equivariance(h, params)
         eq_loss = nt_xent_loss(gather_with_grad(y_t), gather_with_grad(y_hat), self.t_y)

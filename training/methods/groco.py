@@ -1,7 +1,7 @@
 """GroCo: learning by sorting with group ordering constraints (Shvetsova et al., ICCV 2023).
 
 Reference: ninatu/learning_by_sorting @ 47c074e (`losses/groco.py`, `models/projection/...`), as
-described in `/work/shared/methods/groco_msbreg.md` section 1. The code here is written from that
+described in `docs/methods/groco.md`. The code here is written from that
 description; nothing is copied.
 
 Loss (per anchor view a, image b; see `groco_loss` for the full formula): the cosine similarities of
@@ -19,7 +19,7 @@ Deliberate differences from the authors' code, and why:
    anchor (k + n_global - 1 for a global anchor, k + n_global for a local one), which gives the
    same two sizes as the reference's `sorter`/`sorter2`.
 2. `topk_neg` is guarded: a sorting network larger than 64 wires is refused with a one-line error
-   (odd-even work grows as n^4; spec 1.11 point 3: n=64 ~3.6 s, n=128 ~73 s per step at B=1024
+   (odd-even work grows as n^4; docs/methods/groco.md §11 point 3: n=64 ~3.6 s, n=128 ~73 s per step at B=1024
    on CPU). So is a batch with fewer than `topk_neg` other images, which in the reference would
    select masked `-inf` entries and turn the loss into NaN.
 3. No `print(sims[0])` on 1 % of steps: it writes to stdout and consumes Python's global `random`,
@@ -199,8 +199,8 @@ class GroCo(SSLMethod):
     Hyperparameters (recipe `method:` section): `topk_neg=10` hardest negatives per anchor,
     `steepness=1.0` (Cauchy relaxation beta), `n_global=None` (number of global crops, stored first;
     None = all views), `stop_grad=True`, `proj_hidden=2048`, `proj_dim=2048`.
-    No predictor, no momentum network. GroCo's gradients are ~700x smaller than NT-Xent's (spec
-    1.11 point 2): the published recipes use plain SGD with lr 24 at batch 1024, not LARS.
+    No predictor, no momentum network. GroCo's gradients are ~700x smaller than NT-Xent's
+    (docs/methods/groco.md §11 point 2): the published recipes use plain SGD with lr 24 at batch 1024, not LARS.
     """
 
     name: ClassVar[str] = "groco"
@@ -211,7 +211,7 @@ class GroCo(SSLMethod):
         # Fail at construction, not at the first step (the smallest possible sorter: one positive).
         _check_sorter_size(topk_neg, n_global if n_global is not None else 1)
         self.topk_neg, self.steepness, self.n_global, self.stop_grad = topk_neg, steepness, n_global, stop_grad
-        # [Linear(no bias) BN ReLU] x 2 -> Linear(bias) -> BN(affine=False)  (spec 1.4)
+        # [Linear(no bias) BN ReLU] x 2 -> Linear(bias) -> BN(affine=False)  (docs/methods/groco.md §4)
         self.projector = mlp((backbone.feature_dim, proj_hidden, proj_hidden, proj_dim), bias=False, last_bias=True,
                              last_bn=True, last_bn_affine=False)
         # The authors freeze this bias "for comparability"; the affine-free BN cancels it anyway.

@@ -1,7 +1,7 @@
 """ISD: Iterative Similarity Distillation (Tejankar, Koohpayegani, Pillai, Favaro, Pirsiavash; ICCV 2021).
 
 Reference: UMBCvision/ISD @ 4bdd603 (`train_isd.py` = the ResNet-18 recipe, `train_isd_plus.py` =
-the ResNet-50 recipe), as described in `/work/shared/methods/wmse_isd_equimod.md` section 2.
+the ResNet-50 recipe), as described in `docs/methods/isd.md`.
 Written from that description; nothing is copied.
 
 A student (backbone [-> projector] -> predictor) matches the similarity distribution of an EMA
@@ -53,7 +53,7 @@ Deliberate differences from the authors' code, and why:
    the same on every rank and `queue_size` must be a multiple of the GLOBAL batch (checked, with
    the nearest valid sizes in the error); the authors run one DataParallel process.
 6. The loss runs in fp32 (fp64 kept) with autocast disabled (temperatures of 0.01-0.02 give
-   logits up to +-100; bf16 logits would visibly change the targets, spec 2.9), and uses
+   logits up to +-100; bf16 logits would visibly change the targets, docs/methods/isd.md §9), and uses
    `kl_div(log p_s, log p_t, log_target=True)` instead of `kl_div(log_softmax, softmax)`: the same
    value up to rounding, with the teacher's log-probabilities taken from log_softmax directly
    instead of re-taking the log of its softmax (inexact for probabilities that underflow in fp32).

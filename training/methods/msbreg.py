@@ -1,7 +1,7 @@
 """MSBReg (Moon et al., "An Embedding-Dynamic Approach to Self-supervised Learning", arXiv 2207.03552).
 
 THIS IS A DOCUMENTED RECONSTRUCTION, NOT THE AUTHORS' METHOD. No official code was found and the
-paper's formulas are not readable (`/work/shared/methods/groco_msbreg.md` section 2). What is known
+paper's formulas are not readable (`docs/methods/msbreg.md`). What is known
 (abstract, Fig. 1 caption): a BYOL-like online/target pair ("delayed-parameter embedding") with
 multiple views and three terms - a multi-view centroid loss (attraction), a Brownian diffusive loss
 (a random, local dispersive force), and a singular-value loss (decorrelation, global dispersion).
@@ -46,7 +46,7 @@ every reconstruction choice, and why:
 5. Brownian loss: L_bd = -mean_n <normalize(z_n), eps_n>, eps_n uniform on the unit sphere,
    redrawn every step from `batch.generator`, one direction per *image* shared by its K views (the
    image is the particle; independent per-view directions would push an image's views apart against
-   the centroid term), applied to the online projections. The spec's sketch uses one epsilon per
+   the centroid term), applied to the online projections. Our notes' first sketch used one epsilon per
    step for the whole batch; a fresh direction per sample is the Brownian reading (independent
    kicks per particle). Under DDP each rank takes its own slice of a [world * B, D] draw, so
    directions are distinct across the global batch, reproducible, and the single-process draw.

@@ -1,8 +1,8 @@
 """W-MSE (Ermolov, Siarohin, Sangineto, Sebe; ICML 2021): whitening + MSE of normalised embeddings.
 
 Reference: htdt/self-supervised @ d9662c8 (`methods/w_mse.py`, `methods/whitening.py`,
-`methods/norm_mse.py`, `model.py`), as described in `/work/shared/methods/wmse_isd_equimod.md`
-section 1. Written from that description; nothing is copied.
+`methods/norm_mse.py`, `model.py`), as described in `docs/methods/wmse.md`.
+Written from that description; nothing is copied.
 
 Loss (`wmse_loss`): the d projected views of N images are cut, by one random permutation shared
 by all views, into sub-batches of `w_size` images; every view's sub-batch is Cholesky-whitened on
@@ -14,10 +14,10 @@ Deliberate differences from the authors' code, and why:
 1. All sub-batches of all views and all `w_iter` iterations are whitened by ONE batched
    Cholesky / triangular solve on a `[w_iter*d*S, w_size, emb]` tensor; the authors loop in Python
    over iterations, views and sub-batches. Same numbers; on GPU small Cholesky calls are
-   launch-bound (spec 1.9).
+   launch-bound (docs/methods/wmse.md §9).
 2. Whitening runs in fp32 (fp64 kept) with autocast disabled, and the normalise/cosine part of the
    loss as well. The authors train in fp32 only; under AMP, Cholesky of an fp16/bf16 covariance
-   is unsupported or loses positive-definiteness (spec 1.9, solo-learn does the same cast).
+   is unsupported or loses positive-definiteness (docs/methods/wmse.md §9, solo-learn does the same cast).
 3. A failed Cholesky (`cholesky_ex` info != 0, or a non-finite factor) raises `WhiteningError`
    naming the fixes; the authors' `torch.linalg.cholesky` raises a bare LinAlgError (older torch
    could return NaN). `w_size >= 2*emb` (the author's rule, issue #7) and `N % w_size == 0` are
@@ -36,7 +36,7 @@ Deliberate differences from the authors' code, and why:
    batched matmul instead of their 1x1 `conv2d` (the same product).
 7. Only the normalised loss (`norm_mse_loss`, the authors' default) is provided; their `--no_norm`
    switch (plain MSE of whitened vectors) appears in none of the README recipes.
-No stop-gradient is added (solo-learn's `z2.detach()` changes the gradient, spec 1.2/1.9).
+No stop-gradient is added (solo-learn's `z2.detach()` changes the gradient, docs/methods/wmse.md §2, §9).
 
 On invariance (the loss, not a change from the authors): Cholesky whitening maps `x A + b` to the
 whitened `x` when `A` is upper triangular (`chol(A^T S A) = A^T chol(S) D`, D a sign matrix shared by
@@ -186,7 +186,7 @@ class WMSE(SSLMethod):
         if not 0.0 <= w_eps < 1.0:
             raise ValueError(f"w_eps must be in [0, 1), got {w_eps}")
         self.emb, self.w_size, self.w_iter, self.w_eps = int(emb), int(w_size), int(w_iter), float(w_eps)
-        self.projector = mlp((backbone.feature_dim, hidden, emb))  # biases on, BN on the hidden layer (spec 1.3)
+        self.projector = mlp((backbone.feature_dim, hidden, emb))  # biases on, BN on the hidden layer (wmse.md §3)
 
     def forward(self, batch: Views) -> tuple[torch.Tensor, dict[str, Any]]:
         views = batch.views
