@@ -4,7 +4,9 @@ YAML metadata (library, license, tags, datasets, pipeline tag, model-index of th
 then: how to load it in one line, what it was trained on with which recipe and for how long, the
 evaluation table with its protocol, how to use the files without ssl-zoo (torchvision +
 safetensors, onnxruntime alone), limits, citation. Every number comes from the checkpoint, the
-evaluation's `results.json` or the export's own checks; a metric nobody measured says so.
+evaluation's `results.json` or the export's own checks; a metric nobody measured says so. The
+training history is the header comment of the recipe file (the measured record of its runs),
+shown only when that file still resolves to the recipe the weights were trained with.
 """
 
 from __future__ import annotations
@@ -283,6 +285,52 @@ batch = np.stack([preprocess(image)])  # [N, 3, SIZE, SIZE]; N is free
 features = session.run(["features"], {{"images": batch}})[0]  # [N, {spec.feature_dim}]'''
 
 
+def recipe_header(path: str | None) -> str:
+    """The `#` comment lines at the top of a recipe file, without their `# ` prefix ("" if none or unreadable)."""
+    from training.recipe import resolve_recipe_path
+
+    if not path:
+        return ""
+    try:
+        text = resolve_recipe_path(path).read_text()
+    except (OSError, ValueError):
+        return ""
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line[2:] if line.startswith("# ") else line[1:])
+    return "\n".join(lines).strip("\n")
+
+
+def history_section(spec: ModelSpec, checkpoint: TrainedCheckpoint) -> str:
+    """The card's "Training history (from the recipe)": the recipe file's header comment, or "" when the file
+    is missing, has no header, or no longer resolves to the recipe these weights were trained with (its header
+    would then describe other runs)."""
+    from training.recipe import config_hash, load_recipe
+
+    header = recipe_header(spec.recipe)
+    if not header:
+        return ""
+    try:
+        same = config_hash(load_recipe(spec.recipe)) == checkpoint.recipe_hash
+    except (OSError, ValueError, TypeError, KeyError):
+        same = False
+    if not same:
+        return ""
+    fence = "````" if "```" in header else "```"
+    return f"""
+## Training history (from the recipe)
+
+The header comment of `{spec.recipe}`, as committed with the recipe: the measured record
+of the runs made with it (the trainer's k-NN monitor per epoch, probes, wall-clock minutes, same-seed reruns).
+
+{fence}text
+{header}
+{fence}
+"""
+
+
 def build_card(spec: ModelSpec, checkpoint: TrainedCheckpoint, results: Results, facts: ExportFacts) -> Any:
     """The `ModelCard` of an exported model (`card.save(folder / "README.md")`)."""
     from huggingface_hub import ModelCard
@@ -367,7 +415,7 @@ Reproduce with `zoo train {spec.recipe}`. The resolved recipe this checkpoint wa
 ```
 
 </details>
-
+{history_section(spec, checkpoint)}
 ## Evaluation
 
 Top-1 accuracy (%) on the {display} {split} split, measured by ssl-zoo's evaluation step{baseline_note}:

@@ -426,6 +426,7 @@ def _shipped_copy(env: Path, name: str) -> Path:
 
 def test_a_shipped_folder_is_re_carded_keeping_its_bytes_numbers_and_adding_new_ones(env, tmp_path):
     """A shipped model whose run is gone: `zoo export model_cards/NAME --results new.json --force`."""
+    from export.card import recipe_header
     from export.checkpoint import ExportError
     from export.publish import export_model
     name = "isd-resnet18_narrow.fmnist"
@@ -452,6 +453,18 @@ def test_a_shipped_folder_is_re_carded_keeping_its_bytes_numbers_and_adding_new_
     card = (folder / "README.md").read_text()
     assert "| `knn_dinov2_k10` |" in card and "| `knn_lightly_k200` |" in card and "| 70.25 |" in card
     assert protocol_line in card.splitlines()  # the measured protocol, not a generic one
+    # the recipe's header comment (its measured record of curves, minutes, reruns) travels into the card
+    header = recipe_header(before["recipe"])
+    assert "## Training history (from the recipe)" in card and header and header in card
+
+
+def test_card_shows_the_recipe_header_only_for_the_recipe_the_weights_were_trained_with(exported):
+    from export.card import recipe_header
+
+    header = recipe_header("training/recipes/wmse/fmnist.yaml")
+    assert header.startswith("W-MSE 2 on Fashion-MNIST") and "\n#" not in header and "method:" not in header
+    card = (exported["folder"] / "README.md").read_text()  # a test run's recipe, not the file's: no history
+    assert "Training history (from the recipe)" not in card
 
 
 def test_re_carding_refuses_a_folder_whose_recipe_file_changed(env, tmp_path):
