@@ -8,7 +8,8 @@ from typing import Any, Iterable
 
 import yaml
 
-from zoo.provenance import config_hash  # noqa: F401 - recipes' hash; defined below training, where convert/export read it
+# A recipe's hash is defined in the library (zoo convert and export need it too); imported for `training.recipe` users.
+from zoo.provenance import config_hash  # noqa: F401
 
 RECIPES_DIR = Path(__file__).with_name("recipes")
 REQUIRED = ("method", "model", "data", "augment", "optim", "train")

@@ -46,7 +46,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--pretrained", action="store_true", help="only models with weights")
     p.set_defaults(func=_cmd_list)
 
-    p = subparsers.add_parser("report", help="results table of the shipped models of a dataset tag beside its baselines")
+    p = subparsers.add_parser("report",
+                              help="results table of the shipped models of a dataset tag beside its baselines")
     p.add_argument("tag", nargs="?", default="fmnist")
     p.add_argument("--markdown", action="store_true", help="as a Markdown table (the README's)")
     p.set_defaults(func=_cmd_report)

@@ -29,7 +29,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from zoo_cli.bench.train import bench_train
 
-    bench_train(args.methods or None, steps=args.steps, batch_size=args.batch_size, dataset=args.dataset, bf16=args.bf16)
+    bench_train(args.methods or None, steps=args.steps, batch_size=args.batch_size, dataset=args.dataset,
+                bf16=args.bf16)
     return 0
 
 
@@ -60,6 +61,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--dataset", default=None, help="e.g. synthetic (tiny smoke runs)")
-    p.add_argument("--bf16", action="store_true",
-                   help="also time each step under bf16 autocast + channels-last and print the speed-up over the recipe")
+    p.add_argument("--bf16", action="store_true", help="also time each step under bf16 autocast + channels-last and "
+                                                       "print the speed-up over the recipe")
     p.set_defaults(func=_cmd_train)
