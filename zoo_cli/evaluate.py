@@ -139,7 +139,7 @@ def _report(args: argparse.Namespace, name: str, dataset: str, results: list[dic
     return 0
 
 
-def _model(args: argparse.Namespace):
+def _model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
     if args.model == "pixels":
         raise TransferError("the raw-pixel baseline has no network to fine-tune; run `zoo eval linear pixels "
                             "--labels ...` for its label-efficient numbers, or name a model")
