@@ -14,7 +14,7 @@ from typing import Any
 __all__ = ["export_model", "publish_folder", "read_checkpoint", "read_results"]
 
 
-def __getattr__(name: str) -> Any:  # lazy, so `from export.cli import register` stays cheap
+def __getattr__(name: str) -> Any:  # lazy, so `import export.checkpoint` (the `zoo` command) stays cheap
     if name in ("export_model", "publish_folder"):
         from export import publish
 

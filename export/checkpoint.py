@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from zoo.errors import ZooError
+from zoo.provenance import config_hash
 
 log = logging.getLogger("export")
 
@@ -108,8 +109,6 @@ def checkpoint_path(path: str | os.PathLike) -> Path:
 
 def read_checkpoint(path: str | os.PathLike) -> TrainedCheckpoint:
     """The backbone state dict (prefix `backbone.` removed), recipe, hash and history of a trainer checkpoint."""
-    from training.recipe import config_hash
-
     p = checkpoint_path(path)
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
@@ -238,8 +237,8 @@ def read_exported(folder: str | os.PathLike) -> tuple[TrainedCheckpoint, Results
     still hash to the config.json's `recipe_hash` (else the card would show a recipe the weights were not
     trained with); the measured results are config.json's (`extra.results`, or its metrics and minutes).
     """
-    from export.safetensors_io import load_backbone
-    from training.recipe import config_hash, load_recipe
+    from training.recipe import load_recipe  # the one thing export needs of training: re-reading a recipe
+    from zoo.safetensors_io import load_backbone
 
     p = Path(folder)
     try:

@@ -23,9 +23,10 @@ import torch
 
 from export.checkpoint import (RESULTS_FILE, ExportError, Results, TrainedCheckpoint, combine_results,
                                is_exported_folder, read_checkpoint, read_exported, read_results)
-from export.safetensors_io import FORMAT_VERSION, load_backbone, read_metadata, same_weights_file, save_backbone
+from zoo.safetensors_io import FORMAT_VERSION, load_backbone, read_metadata, same_weights_file, save_backbone
 from zoo.fsutil import atomic_write_text, replace_folder
 from zoo.errors import ZooError
+from zoo.registry import DATASET_TAGS
 
 log = logging.getLogger("export")
 
@@ -51,8 +52,6 @@ def _full_spec(name: str) -> Any:
 
 def check_compatible(spec: Any, ckpt: TrainedCheckpoint) -> None:
     """The checkpoint must have been trained as the registry row says (arch, method, dataset tag)."""
-    from training.data import DATASET_TAGS
-
     if ckpt.arch != spec.arch:
         raise ExportError(f"{ckpt.path} was trained with arch {ckpt.arch!r} but {spec.name} is {spec.arch!r}; export "
                           f"it under a {ckpt.arch} name ({spec.method}-{ckpt.arch}.{spec.tag})")

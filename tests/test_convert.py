@@ -382,7 +382,7 @@ def test_a_converted_folder_is_what_zoo_export_reads_and_exports(tmp_path, monke
 
 
 def test_cli_convert_prints_encoder_feature_norm_and_that_no_key_was_unused(tmp_path, capsys):
-    from zoo.cli import main
+    from zoo_cli.main import main
 
     path, source = write_layout("equimod", tmp_path / "src")
     out = tmp_path / "out"

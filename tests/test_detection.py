@@ -200,7 +200,7 @@ SMOKE = ["model.name=wmse-resnet18_narrow.fmnist", "model.weights=untrained", "d
 
 
 def test_zoo_transfer_detect_runs_the_voc_recipe_on_generated_boxes_and_resumes(tmp_path):
-    from zoo.cli import main
+    from zoo_cli.main import main
 
     out = tmp_path / "run"
     sets = [a for s in SMOKE + ["schedule.max_iter=2"] for a in ("--set", s)]

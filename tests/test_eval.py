@@ -156,7 +156,7 @@ def test_int8_file_and_checks_of_an_older_recipe_are_made_again(cache, model):
 
 
 def test_bench_embed_smoke_measures_every_variant_side_by_side(cache, capsys):
-    from zoo.bench import bench_embed
+    from zoo_cli.bench.embed import bench_embed
 
     res = bench_embed(models=[NAME], batch_size=4, batches=1, check=False, matmul_size=256)
     out = capsys.readouterr().out

@@ -25,7 +25,7 @@ RESULTS = {"knn_k20": 71.25, "knn_k200": 69.5, "knn5_majority": 70.0,
 def make_checkpoint(run_dir: Path, arch: str = "resnet18_narrow", method: str = "wmse",
                     dataset: str = "fashion_mnist", seed: int = 0, results: dict | None = None) -> Path:
     """A trainer-format checkpoint of a random `arch` backbone whose BN statistics are not the defaults."""
-    from training.recipe import config_hash
+    from zoo.provenance import config_hash
 
     torch.manual_seed(seed)
     backbone = zoo.create_backbone(arch)
@@ -128,7 +128,7 @@ def test_weights_are_the_backbone_alone_with_format_metadata(exported):
 
 
 def test_config_is_the_registry_row_with_sha256_metrics_and_recipe_hash(exported):
-    from training.recipe import config_hash
+    from zoo.provenance import config_hash
 
     folder = exported["folder"]
     config = json.loads((folder / "config.json").read_text())
@@ -253,7 +253,7 @@ def test_card_snippets_load_the_files_with_torchvision_and_onnxruntime_alone(exp
 @pytest.mark.parametrize("arch", ["resnet18_cifar", "resnet18_stl"])
 def test_torchvision_snippet_rebuilds_the_small_stem_archs(arch, tmp_path):
     from export.card import torchvision_snippet
-    from export.safetensors_io import save_backbone
+    from zoo.safetensors_io import save_backbone
 
     spec = registry.make_spec("wmse", arch, "c10")  # 32 px inputs: fast on 2 cores, valid for every stem
     model = zoo.create_backbone(arch).eval()
@@ -361,13 +361,13 @@ def test_other_bad_requests_are_one_line_errors(env, tmp_path):
 
 
 def test_cli_export_and_its_errors(env, tmp_path, capsys):
-    from export.cli import register
+    from zoo_cli.export import register
 
     parser = argparse.ArgumentParser(prog="zoo")
     register(parser.add_subparsers(dest="command", required=True))
     ckpt = make_checkpoint(tmp_path / "run", arch="resnet18_cifar")
     args = parser.parse_args(["export", str(ckpt.parent), "--name", NAME])
-    with pytest.raises(ValueError, match="arch"):  # zoo.cli prints it as one `error:` line
+    with pytest.raises(ValueError, match="arch"):  # zoo_cli.main prints it as one `error:` line
         args.func(args)
     args = parser.parse_args(["publish", "model_cards/x", "--repo-id", "org/x", "--private", "--revision", "v1"])
     assert (args.folder, args.repo_id, args.private, args.revision) == ("model_cards/x", "org/x", True, "v1")

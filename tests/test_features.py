@@ -159,7 +159,7 @@ def test_embed_refuses_other_stages_on_onnxruntime_and_unknown_pools():
 def test_zoo_embed_cli_layer_and_pool_record_the_map_shape(tmp_path):
     from PIL import Image
 
-    from zoo.cli import main
+    from zoo_cli.main import main
     from zoo.embed import read_embeddings
 
     folder = tmp_path / "images"

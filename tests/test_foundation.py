@@ -191,7 +191,7 @@ def test_package_imports_and_builds_a_backbone_without_optional_dependencies():
 
 
 def test_cli_reports_an_unknown_model_in_one_line():
-    from zoo.cli import main
+    from zoo_cli.main import main
 
     assert main(["info", "wmse-resnet5"]) == 2
 
@@ -228,7 +228,8 @@ def test_every_shipped_model_was_trained_by_its_recipe_file_as_committed(name):
     # reproducing the shipped row.
     if name == "(none shipped)":
         pytest.skip("no weights shipped yet")
-    from training.recipe import config_hash, load_recipe
+    from training.recipe import load_recipe
+    from zoo.provenance import config_hash
     from zoo.hub import model_cards_dir
 
     spec = zoo.get_spec(name)

@@ -153,7 +153,7 @@ def test_revision_pins_a_commit_and_a_branch(exported, hub, tmp_path):
 
     from export.checkpoint import ExportError
     from export.publish import publish_folder
-    from export.safetensors_io import save_backbone
+    from zoo.safetensors_io import save_backbone
 
     first = publish_folder(exported["folder"], REPO).commit
     # A second commit on main with other weights (and their own config.json sha256).
@@ -203,7 +203,7 @@ def test_publish_refuses_a_tampered_or_incomplete_folder(exported, hub, tmp_path
 
 
 def test_cli_publish_prints_the_commit_and_never_the_token(exported, hub, monkeypatch, capsys, caplog):
-    from export.cli import register
+    from zoo_cli.export import register
 
     token = "hf_TESTtokenTHATmustNEVERbePRINTED"  # a fake one, only ever sent to 127.0.0.1
     monkeypatch.setenv("HF_TOKEN", token)

@@ -117,7 +117,7 @@ def test_index_built_from_shards_equals_index_built_from_all_vectors(tmp_path):
 
 
 def test_bench_index_smoke_prints_every_figure(capsys):
-    from zoo.bench import bench_index
+    from zoo_cli.bench.index import bench_index
 
     res = bench_index(exact_n=2000, exact_dim=32, queries=20, k=5, ann_n=4000, ann_dim=16, ann_queries=20,
                       repeats=1, matmul_size=256)

@@ -83,7 +83,7 @@ def test_a_protocol_replaces_the_default_knn_keys_and_leaves_the_others():
 
 
 def test_cli_eval_knn_protocol_prints_the_protocol_with_every_number_and_writes_keyed_results(tmp_path, capsys):
-    from zoo.cli import main
+    from zoo_cli.main import main
 
     results = tmp_path / "results.json"
     argv = ["eval", "knn", "pixels", "--limit-train", "1000", "--limit-test", "200", "--no-progress",

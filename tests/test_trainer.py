@@ -127,7 +127,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
 
 def test_interrupted_train_prints_one_line_naming_resume_and_the_resumed_run_finishes(tmp_path, monkeypatch, capsys):
     from training.trainer import Trainer
-    from zoo.cli import main
+    from zoo_cli.main import main
 
     recipe_path = tmp_path / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(tiny_recipe(max_steps=4)))
@@ -163,7 +163,7 @@ def test_sigkill_mid_epoch_then_resume_repeats_the_uninterrupted_losses(tmp_path
     recipe = tiny_recipe(epochs=3)
     recipe_path.write_text(yaml.safe_dump(recipe))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cli = [sys.executable, "-m", "zoo.cli", "train", "--no-progress"]
+    cli = [sys.executable, "-m", "zoo_cli", "train", "--no-progress"]
 
     ref = tmp_path / "ref"
     subprocess.run([*cli, str(recipe_path), "--out", str(ref)], env=env, check=True, capture_output=True, timeout=300)
@@ -253,7 +253,7 @@ def test_image_folder_skips_and_counts_corrupt_files_and_keeps_batches_full(tmp_
 
 
 def test_bench_train_reports_speed_and_shares_side_by_side(capsys):
-    from training.bench import bench_train
+    from zoo_cli.bench.train import bench_train
 
     rows = bench_train(["simclr", "wmse"], steps=2, batch_size=128, dataset="synthetic")  # W-MSE: w_size 128
     out = capsys.readouterr().out
@@ -264,7 +264,7 @@ def test_bench_train_reports_speed_and_shares_side_by_side(capsys):
 
 
 def test_bench_train_bf16_prints_the_speedup_over_the_recipe_precision(capsys):
-    from training.bench import bench_train
+    from zoo_cli.bench.train import bench_train
 
     (row,) = bench_train(["simclr"], steps=2, batch_size=64, dataset="synthetic", bf16=True)
     assert row["bf16_channels_last_speedup"] > 0
@@ -285,7 +285,7 @@ def test_missing_dataset_files_say_where_to_put_them_and_nothing_downloads(name,
 
 def test_a_training_run_is_evaluated_into_results_json_with_its_training_minutes(tmp_path):
     from training.trainer import train
-    from zoo.cli import main
+    from zoo_cli.main import main
 
     run = tmp_path / "run"
     final = train(tiny_recipe(max_steps=2), run, progress=False)

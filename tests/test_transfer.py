@@ -98,7 +98,7 @@ def _image_folders(root: Path) -> tuple[Path, Path]:
 
 
 def test_cli_transfer_on_an_image_folder_merges_keys_and_protocols_into_results(tmp_path, capsys):
-    from zoo.cli import main
+    from zoo_cli.main import main
 
     train, val = _image_folders(tmp_path / "data")
     results = tmp_path / "results.json"
@@ -118,11 +118,11 @@ def test_cli_transfer_on_an_image_folder_merges_keys_and_protocols_into_results(
 
 
 def test_eval_linear_without_labels_runs_the_full_label_protocol_as_before(monkeypatch):
-    import zoo.commands as commands
-    from zoo.cli import build_parser
+    import zoo_cli.evaluate as evaluate
+    from zoo_cli.main import build_parser
 
     calls = []
-    monkeypatch.setattr(commands, "_cmd_eval", lambda args, protocols: calls.append(protocols) or 0)
+    monkeypatch.setattr(evaluate, "_cmd_eval", lambda args, protocols: calls.append(protocols) or 0)
     args = build_parser().parse_args(["eval", "linear", "wmse-resnet18_narrow.fmnist"])
     assert args.labels is None and args.func(args) == 0 and calls == [("linear",)]
 

@@ -17,12 +17,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from zoo.datasets import DatasetNotFoundError, load_fashion_mnist
+from zoo.registry import DATASET_TAGS
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-
-# dataset name in recipes -> registry tag (for normalisation constants and model names)
-DATASET_TAGS = {"fashion_mnist": "fmnist", "cifar10": "c10", "cifar100": "c100", "stl10": "stl10",
-                "tiny_imagenet": "tin", "imagenet100": "in100", "imagenet": "in1k", "synthetic": "fmnist"}
 
 
 class TensorImages(Dataset):

@@ -15,9 +15,9 @@ import argparse
 import torch
 
 from training.augment import build_augment
-from training.data import DATASET_TAGS, build_dataset
+from training.data import build_dataset
 from training.recipe import load_recipe
-from zoo.registry import dataset_normalization
+from zoo.registry import DATASET_TAGS, dataset_normalization
 
 
 def measure_param_stats(recipe: dict, n_images: int = 20000, seed: int = 0) -> tuple[list[float], list[float]]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
+
+# A recipe's hash is defined in the library (zoo convert and export need it too); imported for `training.recipe` users.
+from zoo.provenance import config_hash  # noqa: F401
 
 RECIPES_DIR = Path(__file__).with_name("recipes")
 REQUIRED = ("method", "model", "data", "augment", "optim", "train")
@@ -71,11 +72,6 @@ def _resolve_milestone_fractions(recipe: dict[str, Any], path: str | os.PathLike
     # round() so that 0.95 of 7 epochs resolves to 6.65, the value a hand-written `milestones: [6.65]` parses to.
     schedule["milestones"] = [round(float(f) * float(recipe["train"]["epochs"]), 6) for f in fractions]
     return recipe
-
-
-def config_hash(recipe: dict[str, Any]) -> str:
-    """sha256 of the resolved recipe (canonical JSON); goes into checkpoints and config.json."""
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
 
 def dump_recipe(recipe: dict[str, Any], path: Path) -> None:

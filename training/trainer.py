@@ -23,16 +23,17 @@ from torch import nn
 
 from training import distributed as dist_utils
 from training.augment import build_augment
-from training.data import DATASET_TAGS, BatchPlan, build_dataset, iterate_batches
+from training.data import BatchPlan, build_dataset, iterate_batches
 from training.methods import get_method_class
 from training.optim import build_optimizer, lr_factor
-from training.recipe import config_hash, dump_recipe
+from training.recipe import dump_recipe
 from zoo.backbones import create_backbone
 from zoo.errors import ZooError
 from zoo.fsutil import atomic_write_bytes
 from zoo.eval import knn_accuracy
 from zoo.preprocess import Preprocess
-from zoo.registry import dataset_normalization
+from zoo.provenance import config_hash
+from zoo.registry import DATASET_TAGS, dataset_normalization
 
 log = logging.getLogger("training")
 

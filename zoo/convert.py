@@ -409,8 +409,8 @@ def _probe_input(arch: str, spec: Any) -> torch.Tensor:
 
 
 def _recipe_dataset(tag: str) -> str:
-    """The trainer's dataset name of a registry tag (the inverse of training.data.DATASET_TAGS)."""
-    from training.data import DATASET_TAGS
+    """The trainer's dataset name of a registry tag (the inverse of zoo.registry.DATASET_TAGS)."""
+    from zoo.registry import DATASET_TAGS
 
     names = [d for d, t in DATASET_TAGS.items() if t == tag and d != "synthetic"]
     if not names:
@@ -433,11 +433,12 @@ def convert(checkpoint: str | os.PathLike, fmt: str, arch: str | None = None, ou
     method the format's row does not know). `out` must not exist unless `force`. Prints the report
     (`verbose`) and returns it as a `Conversion`.
     """
-    from export.safetensors_io import save_backbone
     from zoo.backbones import create_backbone, get_arch
     from zoo.hub import sha256_file
     from zoo.load import load_state_dict_file, load_weights_into
+    from zoo.provenance import config_hash
     from zoo.registry import get_spec, registry
+    from zoo.safetensors_io import save_backbone
 
     form = get_format(fmt)
     spec = None
@@ -493,8 +494,6 @@ def convert(checkpoint: str | os.PathLike, fmt: str, arch: str | None = None, ou
             config = {"sha256": sha, "weights_file": WEIGHTS_FILE, "extra": {"converted_from": provenance}}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         if spec is not None:
-            from training.recipe import config_hash
-
             recipe = {"method": {"name": spec.method}, "model": {"arch": arch},
                       "data": {"dataset": _recipe_dataset(spec.tag)}, "converted_from": provenance}
             torch.save({"method": {f"backbone.{k}": v for k, v in model.state_dict().items()},
@@ -526,34 +525,6 @@ def convert(checkpoint: str | os.PathLike, fmt: str, arch: str | None = None, ou
     if verbose:
         print("\n".join(result.report()))
     return result
-
-
-# ------------------------------------------------------------------------------------------ CLI
-def _cmd_convert(args: argparse.Namespace) -> int:
-    convert(args.checkpoint, args.from_format, args.arch, args.out, name=args.name, drop=args.drop, force=args.force)
-    return 0
-
-
-def register(subparsers: Any) -> None:
-    """Add `zoo convert` to `zoo`'s sub-parsers."""
-    rows = "\n".join(f"  {f.name:12s} {f.description}\n  {'':12s} keeps {f.encoder}" for f in FORMATS.values())
-    p = subparsers.add_parser(
-        "convert", help="convert a checkpoint of another project's code into a folder zoo.load / zoo export take",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Read CHECKPOINT (torch.load weights_only=True, or safetensors) in the layout its own code "
-                    "writes, keep the backbone, check every key and the features, and write OUT/model.safetensors "
-                    "+ config.json (+ checkpoint.pt for `zoo export` with --name).\n\nformats:\n" + rows)
-    p.add_argument("checkpoint", help="the file the other code saved (.pth, .pt, .ckpt, .bin, .safetensors)")
-    p.add_argument("--from", dest="from_format", required=True, choices=list(FORMATS), metavar="FORMAT",
-                   help=f"checkpoint layout: {', '.join(FORMATS)}")
-    p.add_argument("--arch", default=None, help="ssl-zoo arch it was trained with (zoo.ARCHS), e.g. resnet50")
-    p.add_argument("--out", required=True, help="output folder (pretrained= for zoo.load; CHECKPOINT for zoo export)")
-    p.add_argument("--name", default=None, help="full registry name the weights are for, e.g. groco-resnet50.in1k: "
-                                                "sets the arch, writes its config.json row and checkpoint.pt")
-    p.add_argument("--drop", action="append", default=[], metavar="PREFIX",
-                   help="also drop keys starting with PREFIX (a part the format's row does not know); repeatable")
-    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
-    p.set_defaults(func=_cmd_convert)
 
 
 class _CallableModule(type(sys)):

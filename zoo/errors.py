@@ -50,3 +50,8 @@ def require(module: str, extra: str, feature: str):
         raise MissingDependencyError(
             f"{feature} needs the '{module}' package; install it with: pip install 'ssl-zoo[{extra}]'"
         ) from e
+
+
+# What a command prints as one `error:` line (exit status 2) instead of a traceback: ssl-zoo's own errors
+# and the built-in ones whose messages our code writes for the user (bad recipe keys, missing files).
+ONE_LINE_ERRORS: tuple[type[BaseException], ...] = (ZooError, FileNotFoundError, ValueError, KeyError)

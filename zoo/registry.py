@@ -46,6 +46,12 @@ _DATA: dict[str, dict[str, Any]] = {
                    std=(0.3530,) * 3, interpolation="bilinear"),
 }
 
+# Trainer dataset name (recipes' data.dataset) -> registry tag: training normalises and names models by it,
+# `zoo convert` / `zoo export` check a name's tag against it. Here, below both, so each reads one table.
+DATASET_TAGS = {"fashion_mnist": "fmnist", "cifar10": "c10", "cifar100": "c100", "stl10": "stl10",
+                "tiny_imagenet": "tin", "imagenet100": "in100", "imagenet": "in1k", "synthetic": "fmnist"}
+
+
 def dataset_normalization(tag: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) of a pretraining dataset's images, by registry tag (`fmnist`, `c10`, ...)."""
     return tuple(_DATA[tag]["mean"]), tuple(_DATA[tag]["std"])

@@ -25,7 +25,6 @@ Results merge into the CLI's `results.json` (`--results`): each key plus `transf
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -44,7 +43,6 @@ from zoo.errors import ZooError
 
 log = logging.getLogger("zoo")
 
-PIXELS_NAME = "raw pixels (standardised 784-d)"  # the name zoo/commands.py prints for the baseline
 LABEL_SEED = 0
 FINETUNE_EPOCHS = 1
 FINETUNE_BATCH = 256
@@ -366,112 +364,3 @@ def merge_results(path: str | os.PathLike, results: Sequence[dict[str, Any]], da
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
-
-
-# ------------------------------------------------------------------------------------------ CLI
-def add_label_args(p: argparse.ArgumentParser, finetune: bool = False) -> None:
-    """`--labels`, `--label-seed`, `--train/--val` (and the fine-tuning knobs) on an `eval` sub-parser."""
-    p.add_argument("--labels", nargs="+", default=["10%"] if finetune else None, metavar="PCT",
-                   help="class-balanced fraction(s) of the training labels, e.g. 1%% 10%% 100%%"
-                        + (" (default 10%%)" if finetune else " (default: the full-label protocol)"))
-    p.add_argument("--label-seed", type=int, default=LABEL_SEED, help="seed of the label subsets (default 0)")
-    p.add_argument("--train", default=None, metavar="DIR", help="an ImageFolder to train on instead of --dataset")
-    p.add_argument("--val", default=None, metavar="DIR", help="its evaluation ImageFolder (same class folders)")
-    if finetune:
-        p.add_argument("--epochs", type=int, default=FINETUNE_EPOCHS, help="epochs over the labelled subset (1)")
-        p.add_argument("--lr", type=float, default=None, help="SGD lr (default 0.05 x batch / 256)")
-        p.add_argument("--max-steps", type=int, default=None, help="stop after N steps (smoke tests)")
-
-
-def _splits(args: argparse.Namespace) -> tuple[LabelledSplit, LabelledSplit, str]:
-    if bool(args.train) != bool(args.val):
-        raise TransferError("pass --train DIR and --val DIR together (ImageFolders with the same class folders)")
-    if args.train:
-        train = image_folder(args.train)
-        test = image_folder(args.val, classes=train.classes)
-        if args.limit_train:
-            train = train.take(torch.arange(min(args.limit_train, len(train))))
-        if args.limit_test:
-            test = test.take(torch.arange(min(args.limit_test, len(test))))
-        return train, test, f"ImageFolder {args.train} (train) / {args.val} (val), {len(train.classes)} classes"
-    if args.dataset not in ("fmnist", "fashion_mnist"):
-        raise TransferError(f"--dataset must be fmnist, or pass --train DIR --val DIR; got {args.dataset!r}")
-    train, test = fmnist_splits(args.limit_train, args.limit_test)
-    return train, test, f"Fashion-MNIST (train {len(train)}, test {len(test)})"
-
-
-def _report(args: argparse.Namespace, name: str, dataset: str, results: list[dict[str, Any]]) -> int:
-    if args.results:
-        print(f"wrote {merge_results(args.results, results, dataset)}")
-    if args.json:
-        print(json.dumps({"model": name, **{r["key"]: r["top1"] for r in results}}))
-        return 0
-    print(f"{name} on {dataset}, top-1 %:")
-    for r in results:
-        print(f"  {r['key']:16s} {r['top1']:6.2f}   {protocol_text(r, dataset)}")
-    return 0
-
-
-def _model(args: argparse.Namespace):
-    from zoo.commands import load_model, model_info
-
-    if args.model == "pixels":
-        raise TransferError("the raw-pixel baseline has no network to fine-tune; run `zoo eval linear pixels "
-                            "--labels ...` for its label-efficient numbers, or name a model")
-    model = load_model(model_info(args), args.device)
-    return model, f"{model.spec.name}{' (untrained)' if args.untrained else ''}"
-
-
-def cmd_linear_labels(args: argparse.Namespace) -> int:
-    """`zoo eval linear MODEL --labels 1% 10%` / `--train DIR --val DIR`."""
-    train, test, dataset = _splits(args)
-    if args.model == "pixels":
-        results = [pixel_linear_transfer(train, test, parse_labels(p), args.label_seed)
-                   for p in (args.labels or ["100%"])]
-        return _report(args, PIXELS_NAME, dataset, results)
-    model, name = _model(args)
-    results = [linear_transfer(model, train, test, parse_labels(p), args.label_seed, args.batch_size, args.backend,
-                               args.precision, progress=not args.no_progress) for p in (args.labels or ["100%"])]
-    return _report(args, name, dataset, results)
-
-
-def cmd_finetune(args: argparse.Namespace) -> int:
-    """`zoo eval finetune MODEL --labels 10%`: whole-network fine-tuning on a class-balanced subset."""
-    if args.backend != "torch" or args.precision != "fp32":
-        raise TransferError("fine-tuning trains in fp32 on torch; drop --backend / --precision")
-    train, test, dataset = _splits(args)
-    model, name = _model(args)
-    results = [finetune_transfer(model, train, test, parse_labels(p), args.label_seed, epochs=args.epochs,
-                                 batch_size=args.batch_size or FINETUNE_BATCH, lr=args.lr,
-                                 progress=not args.no_progress, max_steps=args.max_steps) for p in args.labels]
-    return _report(args, name, dataset, results)
-
-
-def cmd_eval_linear(args: argparse.Namespace, default: Any) -> int:
-    """The `eval linear` entry: label-efficient with --labels / --train, else the full-label protocol."""
-    if args.labels or args.train or args.val:
-        return cmd_linear_labels(args)
-    return default(args)
-
-
-def cmd_transfer_detect(args: argparse.Namespace) -> int:
-    from training.detection import run_detection
-
-    final = run_detection(args.recipe, overrides=args.set, out=args.out, progress=not args.no_progress)
-    print(f"run {final['out']}: {final['steps']} steps, last loss {final['loss']:.4f}"
-          + "".join(f", {k} {v:.2f}" for k, v in (final.get("metrics") or {}).items()))
-    return 0
-
-
-def register_transfer(subparsers: Any) -> None:
-    """`zoo transfer detect RECIPE`: the detection transfer runner (training/detection.py)."""
-    p = subparsers.add_parser("transfer", help="downstream transfer runs (detection)")
-    tsub = p.add_subparsers(dest="transfer_command", required=True)
-    d = tsub.add_parser("detect", help="fine-tune a detector on a zoo backbone from a recipe "
-                                       "(training/recipes/detection/*.yaml)")
-    d.add_argument("recipe", help="e.g. training/recipes/detection/voc-faster-rcnn.yaml")
-    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe field, e.g. data.root=/data/VOCdevkit or model.name=wmse-resnet50.in1k")
-    d.add_argument("--out", default=None, help="run folder (default runs/detect-<recipe>-<time>)")
-    d.add_argument("--no-progress", action="store_true")
-    d.set_defaults(func=cmd_transfer_detect)

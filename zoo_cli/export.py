@@ -1,4 +1,4 @@
-"""`zoo export` and `zoo publish`; `zoo.cli` adds them with `register(subparsers)`.
+"""`zoo export` and `zoo publish`: a training run -> model_cards/NAME/ -> a Hugging Face Hub repository.
 
     zoo export runs/wmse-fashion_mnist-20250101-120000 --name wmse-resnet18_narrow.fmnist [--fp16]
     zoo publish model_cards/wmse-resnet18_narrow.fmnist --repo-id ssl-zoo/wmse-resnet18_narrow.fmnist
