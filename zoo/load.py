@@ -158,6 +158,9 @@ def load(name: str, pretrained: bool | str | os.PathLike = True, device: str | t
     feature maps at `out_indices` (default (1, 2, 3, 4): layer1-layer4; 0 is the stem) and
     `.feature_info` (channels and reduction of each map, timm's API).
     """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"zoo.load needs a model name such as 'wmse-resnet18_narrow.fmnist', got {name!r}; "
+                        f"zoo.list_models() lists them")
     if out_indices is not None and not features_only:
         raise ValueError("out_indices selects feature maps: pass it with features_only=True")
     if features_only and out_indices is not None:
