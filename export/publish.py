@@ -271,6 +271,10 @@ def publish_folder(folder: str | os.PathLike, repo_id: str | None = None, *, pri
     if config.get("hub_repo") and repo_id != config["hub_repo"]:
         log.warning("publishing %s to %s: zoo.load(%r) pulls from %s; pass pretrained=PATH or publish there",
                     config.get("name"), repo_id, config.get("name"), config["hub_repo"])
+    from zoo.hub import hub_offline
+
+    if hub_offline():
+        raise ZooError(f"cannot publish {folder}: HF_HUB_OFFLINE=1 is set; unset it (and connect) to publish")
     # Built per call, so the endpoint is read now (HF_ENDPOINT / constants.ENDPOINT), not at import time.
     api = HfApi(endpoint=endpoint, token=token)
     try:
@@ -287,6 +291,10 @@ def publish_folder(folder: str | os.PathLike, repo_id: str | None = None, *, pri
         hint = ("log in with `hf auth login` or set HF_TOKEN to a token with write access"
                 if status in (401, 403) else "check the repo id and your network, then retry")
         raise ZooError(f"publishing {folder} to {repo_id} failed (HTTP {status}: "
-                       f"{str(e).splitlines()[0][:160]}); {hint}") from e
+                       f"{(str(e).splitlines() or [''])[0][:160]}); {hint}") from None
+    except Exception as e:  # no network, DNS, refused connection, timeouts: one line, not the client's traceback
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise ZooError(f"publishing {folder} to {repo_id} failed: the Hub ({api.endpoint}) cannot be reached "
+                       f"({type(e).__name__}: {reason}); check your network or HF_ENDPOINT, then retry") from None
     commit = getattr(info, "oid", None)
     return PublishResult(repo_id=repo_id, commit=commit, url=getattr(info, "commit_url", None))

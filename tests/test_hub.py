@@ -216,3 +216,24 @@ def test_cli_publish_prints_the_commit_and_never_the_token(exported, hub, monkey
     assert token not in out.out + out.err + caplog.text
     assert "zoo.load" in caplog.text  # warned: zoo.load(NAME) pulls from ssl-zoo/NAME, not this repo
     assert hub.state.repos[("model", "someone/private-copy")].private
+
+
+def test_publish_offline_or_without_network_is_one_line_naming_the_fix(exported, hub, monkeypatch):
+    from huggingface_hub import constants
+
+    from export.publish import publish_folder
+    from zoo.errors import ZooError
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ZooError, match="HF_HUB_OFFLINE=1 is set; unset it") as info:
+        publish_folder(exported["folder"], REPO)
+    assert "\n" not in str(info.value)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(ZooError, match="cannot be reached .*check your network or HF_ENDPOINT") as info:
+        publish_folder(exported["folder"], REPO, endpoint="http://127.0.0.1:9")  # nothing listens on port 9
+    assert "\n" not in str(info.value) and info.value.__cause__ is None
+
+
+def test_load_without_a_name_says_what_a_name_is():
+    with pytest.raises(TypeError, match="needs a model name such as"):
+        zoo.load(None)

@@ -53,9 +53,9 @@ VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "
 
 
 def load_detection_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict[str, Any]:
-    from training.recipe import apply_overrides, resolve_recipe_path
+    from training.recipe import apply_overrides, read_yaml, resolve_recipe_path
 
-    recipe = yaml.safe_load(resolve_recipe_path(path).read_text())
+    recipe = read_yaml(resolve_recipe_path(path))
     if not isinstance(recipe, dict) or recipe.get("task") != "detection":
         raise ValueError(f"{path} is not a detection recipe (task: detection); see training/recipes/detection/")
     missing = [k for k in SECTIONS if k not in recipe]

@@ -8,6 +8,7 @@ from typing import Any, Iterable
 
 import yaml
 
+from training.recipe_schema import check_override_key
 # A recipe's hash is defined in the library (zoo convert and export need it too); imported for `training.recipe` users.
 from zoo.provenance import config_hash  # noqa: F401
 
@@ -37,6 +38,7 @@ def apply_overrides(recipe: dict[str, Any], overrides: Iterable[str]) -> dict[st
         parts = key.split(".")
         if len(parts) == 1 and parts[0] in ("epochs", "max_steps", "seed", "precision"):
             parts = ["train", parts[0]]  # shorthands for the most common overrides
+        check_override_key(recipe, parts, key)
         node = recipe
         for part in parts[:-1]:
             if not isinstance(node.get(part), dict):
@@ -46,8 +48,22 @@ def apply_overrides(recipe: dict[str, Any], overrides: Iterable[str]) -> dict[st
     return recipe
 
 
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML file; a syntax error is one line naming the file and line to fix."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"{where}: not valid YAML ({problem}); fix that line") from None
+
+
 def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict[str, Any]:
-    recipe = yaml.safe_load(resolve_recipe_path(path).read_text())
+    resolved = resolve_recipe_path(path)
+    recipe = read_yaml(resolved)
+    if not isinstance(recipe, dict):
+        raise ValueError(f"{resolved}: a recipe is a YAML mapping with sections {', '.join(REQUIRED)}")
     missing = [k for k in REQUIRED if k not in recipe]
     if missing:
         raise ValueError(f"recipe {path} lacks section(s) {', '.join(missing)}")

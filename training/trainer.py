@@ -29,7 +29,7 @@ from training.optim import build_optimizer, lr_factor
 from training.recipe import dump_recipe
 from zoo.backbones import create_backbone
 from zoo.errors import ZooError
-from zoo.fsutil import atomic_write_bytes
+from zoo.fsutil import atomic_write_bytes, atomic_write_text
 from zoo.eval import knn_accuracy
 from zoo.preprocess import Preprocess
 from zoo.provenance import config_hash
@@ -73,8 +73,18 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ZooError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                       f"it may be from another version: start a fresh run with --out") from e
+        reason = (str(e).splitlines() or ["empty or unreadable file"])[0][:200]  # a zero-byte file has no message
+        raise ZooError(f"cannot read checkpoint {path} ({type(e).__name__}: {reason}); "
+                       f"it may be from another version or damaged: start a fresh run with --out") from None
+
+
+def _logged_at_or_before(line: str, step: int) -> bool:
+    """A metrics.jsonl line to keep on resume; a torn line (a kill mid-write) is dropped, not fatal."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and record.get("step", 0) <= step
 
 
 def _setup_distributed() -> torch.device:
@@ -195,8 +205,8 @@ class Trainer:
         # Steps logged after this checkpoint (before a kill) are re-run: drop them from the log.
         metrics = self.out / "metrics.jsonl"
         if self.rank == 0 and metrics.exists():
-            kept = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= self.step]
-            metrics.write_text("".join(ln + "\n" for ln in kept))
+            kept = [ln for ln in metrics.read_text().splitlines() if _logged_at_or_before(ln, self.step)]
+            atomic_write_text(metrics, "".join(ln + "\n" for ln in kept))
         log.info("resumed %s at step %d (epoch %d, batch %d)", self.out, self.step, self.epoch, self.batch_in_epoch)
 
     # ---------------------------------------------------------------- logging
@@ -295,7 +305,15 @@ class Trainer:
         return acc
 
     # ---------------------------------------------------------------- loop
+    @property
+    def finished(self) -> dict[str, Any] | None:
+        """The final record of a run that already ended (resumed again), else None."""
+        return next((r for r in reversed(self.history) if r.get("final")), None)
+
     def fit(self) -> dict[str, Any]:
+        if self.finished is not None:  # --resume of a finished run: nothing to add, no second final record
+            log.info("%s already finished at step %d; nothing to resume", self.out, self.finished["step"])
+            return self.finished
         tcfg = self.recipe["train"]
         ckpt_every = int(tcfg.get("checkpoint_every", 200))
         log_every = int(tcfg.get("log_every", 10))
