@@ -30,7 +30,7 @@ from training.recipe import config_hash, dump_recipe
 from zoo.backbones import create_backbone
 from zoo.errors import ZooError
 from zoo.fsutil import atomic_write_bytes
-from zoo.eval import knn_accuracy
+from zoo.knn import knn_accuracy
 from zoo.preprocess import Preprocess
 from zoo.registry import dataset_normalization
 
