@@ -81,6 +81,28 @@ def prepare(model: torch.nn.Module, inputs: Any, layer: str | None, pool: str, b
     return model, source, int(batch_size or default_batch_size(model))
 
 
+def _preprocess_of(model: torch.nn.Module, preprocess: Callable | None) -> Callable:
+    pre = preprocess or getattr(model, "preprocess", None)
+    if pre is None:
+        raise EmbedError("the model has no .preprocess (load it with zoo.load) and no preprocess= was given")
+    return pre
+
+
+def _stage_model(model: torch.nn.Module, layer: str | None, pool: str, backend: str, precision: str
+                 ) -> torch.nn.Module:
+    """The model for (layer, pool): itself for the default, else a `zoo.features.StagePool` (torch, fp32)."""
+    from zoo.features import stage_model
+
+    try:
+        staged = stage_model(model, layer, pool)
+    except ValueError as e:
+        raise EmbedError(str(e)) from None
+    if staged is not model and (backend != "torch" or precision != "fp32"):
+        raise EmbedError(f"layer={layer!r} / pool={pool!r} run on backend='torch' in fp32; the onnxruntime "
+                         f"backend and bf16/int8 precisions are checked for the pooled model (layer4, avg) only")
+    return staged
+
+
 def checked_runner(model: torch.nn.Module, backend: str, precision: str,
                    device: str | torch.device | None) -> Callable:
     """`zoo.runners.make_runner`, after bf16 / int8 passed their quality check (`require_precision`, cached)."""
@@ -110,7 +132,7 @@ def _loader(source: Source, batches: list[list[int]], num_workers: int) -> Itera
 
 
 def run_batches(source: Source, batches: list[list[int]], runner: Callable, normalize: bool, num_workers: int,
-                 progress: bool, desc: str = "embed") -> Iterator[tuple[list[int], torch.Tensor, list, torch.Tensor]]:
+                progress: bool, desc: str = "embed") -> Iterator[tuple[list[int], torch.Tensor, list, torch.Tensor]]:
     """(kept indices, features, failed (index, reason), labels) per batch, in batch order."""
     from tqdm.auto import tqdm
 
@@ -127,28 +149,6 @@ def run_batches(source: Source, batches: list[list[int]], runner: Callable, norm
                 f = torch.empty(0)
             bar.update(len(kept) + len(out["failed"]))
             yield kept, f, out["failed"], out["labels"]
-
-
-def _preprocess_of(model: torch.nn.Module, preprocess: Callable | None) -> Callable:
-    pre = preprocess or getattr(model, "preprocess", None)
-    if pre is None:
-        raise EmbedError("the model has no .preprocess (load it with zoo.load) and no preprocess= was given")
-    return pre
-
-
-def _stage_model(model: torch.nn.Module, layer: str | None, pool: str, backend: str, precision: str
-                 ) -> torch.nn.Module:
-    """The model for (layer, pool): itself for the default, else a `zoo.features.StagePool` (torch, fp32)."""
-    from zoo.features import stage_model
-
-    try:
-        staged = stage_model(model, layer, pool)
-    except ValueError as e:
-        raise EmbedError(str(e)) from None
-    if staged is not model and (backend != "torch" or precision != "fp32"):
-        raise EmbedError(f"layer={layer!r} / pool={pool!r} run on backend='torch' in fp32; the onnxruntime "
-                         f"backend and bf16/int8 precisions are checked for the pooled model (layer4, avg) only")
-    return staged
 
 
 def embed(model: torch.nn.Module, inputs: Any, batch_size: int | None = None, device: str | torch.device | None = None,

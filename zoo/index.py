@@ -16,7 +16,8 @@ Kinds (or any FAISS factory string; `{nlist}` in it is replaced by the chosen li
 
 `metric="cosine"` L2-normalises vectors and queries and scores by inner product (higher is closer);
 `metric="l2"` scores are squared Euclidean distances (lower is closer). On a machine with faiss GPU
-and CUDA, `device="auto"` puts every kind but HNSW on GPU 0 (saved files are CPU indexes).
+and CUDA, `device="auto"` puts every kind but HNSW on GPU 0 (saved files are CPU indexes). The
+files (`save` / `load`, and the `embed_to_dir` folders `from_shards` reads) are `zoo.index_io`'s.
 """
 
 from __future__ import annotations
