@@ -124,7 +124,7 @@ def protocol_knn_section(results: Results) -> str:
     code it reproduces, or "" when none was measured."""
     if not results.protocol_knn:
         return ""
-    from zoo.eval import KNN_PROTOCOLS
+    from zoo.knn import KNN_PROTOCOLS
 
     by_key = {p.key(k): (p, k) for p in KNN_PROTOCOLS.values() for k in p.ks}
     order = {key: i for i, key in enumerate(by_key)}

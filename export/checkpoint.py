@@ -23,7 +23,7 @@ Label-efficient transfer numbers (`zoo eval linear --labels`, `zoo eval finetune
 keys `linear_<p>pct` / `finetune_<p>pct` (`linear_1pct`, `finetune_10pct`, ...; top-1 %) and
 `transfer_protocols`, `{key: one paragraph}` saying how each was measured.
 
-k-NN numbers under other projects' protocols (`zoo eval knn --protocol NAME`, `zoo.eval.KNN_PROTOCOLS`) add
+k-NN numbers under other projects' protocols (`zoo eval knn --protocol NAME`, `zoo.knn.KNN_PROTOCOLS`) add
 keys `knn_<protocol>_k<k>` (`knn_dinov2_k10`, `knn_lightly_k200`, ...; top-1 %); the card names each protocol.
 """
 
@@ -153,7 +153,7 @@ class Results:
     source: Path | None = None
     transfer: dict[str, float] = field(default_factory=dict)  # linear_10pct, finetune_1pct, ... (top-1 %)
     transfer_protocols: dict[str, str] = field(default_factory=dict)
-    protocol_knn: dict[str, float] = field(default_factory=dict)  # knn_dinov2_k10, ... (zoo.eval.KNN_PROTOCOLS)
+    protocol_knn: dict[str, float] = field(default_factory=dict)  # knn_dinov2_k10, ... (zoo.knn.KNN_PROTOCOLS)
 
     def to_json(self) -> dict[str, Any]:
         """The results.json form (what `parse_results` reads back)."""
@@ -196,7 +196,7 @@ def parse_results(data: Any, p: Path) -> Results:
     protocols = data.get("transfer_protocols") or {}
     if not isinstance(protocols, dict) or not all(isinstance(v, str) for v in protocols.values()):
         raise ExportError(f"{p}: transfer_protocols must map keys to strings; rewrite it with zoo eval")
-    from zoo.eval import knn_protocol_labels
+    from zoo.knn import knn_protocol_labels
 
     protocol_knn = {k: _number(v, k, p, 0.0, 100.0) for k, v in data.items()
                     if k in knn_protocol_labels() and v is not None}

@@ -18,7 +18,10 @@ import torch
 from PIL import Image
 
 import zoo
-from zoo.embed import EmbedError, embed, embed_to_dir, read_embeddings, read_image
+from zoo.embed import embed
+from zoo.errors import EmbedError
+from zoo.images import read_image
+from zoo.shards import embed_to_dir, read_embeddings
 
 sys.path.insert(0, str(Path(__file__).parent))
 from make_bad_images import _photo, make_bad_images  # noqa: E402
@@ -117,7 +120,7 @@ def test_embed_rejects_unknown_backend_precision_and_input_kind_in_one_line(mode
 # ------------------------------------------------------------------------------------------ shards
 _SHARD_SCRIPT = textwrap.dedent("""
     import sys, time, torch, zoo
-    from zoo.embed import embed_to_dir
+    from zoo.shards import embed_to_dir
     out, delay = sys.argv[1], float(sys.argv[2])
 
     class Slow(torch.utils.data.Dataset):  # slow enough to be killed mid-run
@@ -201,7 +204,7 @@ def test_torchrun_two_processes_embed_their_own_slices_and_merge_to_the_single_p
     script = tmp_path / "dist.py"
     script.write_text(textwrap.dedent("""
         import sys, torch, torch.distributed as dist, zoo
-        from zoo.embed import embed_to_dir
+        from zoo.shards import embed_to_dir
         torch.manual_seed(int(sys.argv[3]))  # ranks differ on purpose: rank 0's weights are broadcast
         model = zoo.load("wmse-resnet18_narrow.fmnist", pretrained=False, device="cpu")
         embed_to_dir(model, sys.argv[1], sys.argv[2], shard_size=5, batch_size=4, num_workers=0, progress=False)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import zoo
-from zoo.eval import (evaluate_features, evaluate_model, evaluate_pixels, knn_accuracy, linear_probe_accuracy,
-                      majority_knn_accuracy, weighted_knn_accuracies, weighted_knn_predict)
+from zoo.eval import evaluate_features, evaluate_model, evaluate_pixels, linear_probe_accuracy
+from zoo.knn import knn_accuracy, majority_knn_accuracy, weighted_knn_accuracies, weighted_knn_predict
 
 NAME = "wmse-resnet18_narrow.fmnist"
 
@@ -103,10 +103,10 @@ def test_onnxruntime_backend_exports_once_into_the_cache_and_matches_torch(cache
 
 def test_low_precisions_are_checked_against_fp32_stored_beside_the_onnx_file_and_refused_with_numbers(
         cache, model, monkeypatch, capsys):
-    from zoo import quantize
+    from zoo import precision as checks
 
     for precision in ("bf16", "int8"):
-        entry = quantize.check_precision(model, precision, sizes=(1000, 200))
+        entry = checks.check_precision(model, precision, sizes=(1000, 200))
         assert {"knn_k20", "knn_k20_fp32", "recall_at_10", "accepted"} <= set(entry)
         assert entry["n_queries"] == 200 and 0 <= entry["recall_at_10"] <= 1
     report_path = next(cache.glob(f"{NAME}/*/precision.json"))
@@ -116,7 +116,7 @@ def test_low_precisions_are_checked_against_fp32_stored_beside_the_onnx_file_and
     # A failed check refuses the precision in one line that carries its numbers.
     monkeypatch.setitem(report, "int8", {**report["int8"], "accepted": False})
     report_path.write_text(json.dumps(report))
-    with pytest.raises(quantize.PrecisionRejectedError) as err:
+    with pytest.raises(checks.PrecisionRejectedError) as err:
         zoo.embed(model, torch.zeros(2, 28, 28, dtype=torch.uint8), precision="int8", progress=False)
     msg = str(err.value)
     assert "int8 is refused" in msg and "recall@10" in msg and "k-NN top-1" in msg and "\n" not in msg
@@ -133,12 +133,12 @@ def test_low_precisions_are_checked_against_fp32_stored_beside_the_onnx_file_and
 
 
 def test_int8_file_and_checks_of_an_older_recipe_are_made_again(cache, model):
-    from zoo import quantize
+    from zoo import artifacts, precision
 
-    quantize.check_precision(model, "int8", sizes=(1000, 200))
-    d = quantize.model_cache_dir(model)
+    precision.check_precision(model, "int8", sizes=(1000, 200))
+    d = artifacts.model_cache_dir(model)
     info = json.loads((d / "onnx.json").read_text())
-    assert info["int8"]["recipe"] == quantize.INT8_RECIPE
+    assert info["int8"]["recipe"] == artifacts.INT8_RECIPE
     # Pretend both were made under an older recipe / rule: stale files are replaced, not reused.
     info["int8"]["recipe"] = "an older recipe"
     (d / "onnx.json").write_text(json.dumps(info))
@@ -148,11 +148,11 @@ def test_int8_file_and_checks_of_an_older_recipe_are_made_again(cache, model):
     report["int8"]["knn_k20"] = -1.0
     (d / "precision.json").write_text(json.dumps(report))
 
-    entry = quantize.check_precision(model, "int8", sizes=(1000, 200))
-    assert entry["check_version"] == quantize.CHECK_VERSION and entry["knn_k20"] >= 0
-    assert entry["int8_recipe"] == quantize.INT8_RECIPE
+    entry = precision.check_precision(model, "int8", sizes=(1000, 200))
+    assert entry["check_version"] == precision.CHECK_VERSION and entry["knn_k20"] >= 0
+    assert entry["int8_recipe"] == artifacts.INT8_RECIPE
     assert (d / "model.int8.onnx").read_bytes() != b"stale"
-    assert json.loads((d / "onnx.json").read_text())["int8"]["recipe"] == quantize.INT8_RECIPE
+    assert json.loads((d / "onnx.json").read_text())["int8"]["recipe"] == artifacts.INT8_RECIPE
 
 
 def test_bench_embed_smoke_measures_every_variant_side_by_side(cache, capsys):

@@ -147,7 +147,7 @@ def test_gem_with_p_3_lies_between_average_and_max():
 
 
 def test_embed_refuses_other_stages_on_onnxruntime_and_unknown_pools():
-    from zoo.embed import EmbedError
+    from zoo.errors import EmbedError
 
     model = zoo.load("wmse-resnet18_narrow.fmnist", pretrained=False, device="cpu")
     with pytest.raises(EmbedError, match="backend='torch'"):
@@ -160,7 +160,7 @@ def test_zoo_embed_cli_layer_and_pool_record_the_map_shape(tmp_path):
     from PIL import Image
 
     from zoo_cli.main import main
-    from zoo.embed import read_embeddings
+    from zoo.shards import read_embeddings
 
     folder = tmp_path / "images"
     folder.mkdir()

@@ -98,7 +98,7 @@ def test_save_load_round_trip_keeps_results_ids_labels_and_model(tmp_path, kind)
 
 
 def test_index_built_from_shards_equals_index_built_from_all_vectors(tmp_path):
-    from zoo.embed import embed_to_dir, read_embeddings
+    from zoo.shards import embed_to_dir, read_embeddings
 
     torch.manual_seed(0)
     model = zoo.load("wmse-resnet18_narrow.fmnist", pretrained=False, device="cpu")

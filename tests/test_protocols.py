@@ -1,4 +1,4 @@
-"""`zoo eval knn --protocol NAME`: other projects' k-NN evaluations, as rows of `zoo.eval.KNN_PROTOCOLS`."""
+"""`zoo eval knn --protocol NAME`: other projects' k-NN evaluations, as rows of `zoo.knn.KNN_PROTOCOLS`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 import numpy as np
 import torch
 
-from zoo.eval import (KNN_PROTOCOLS, evaluate_features, protocol_knn_accuracies, weighted_knn_accuracies)
+from zoo.eval import evaluate_features
+from zoo.knn import KNN_PROTOCOLS, protocol_knn_accuracies, weighted_knn_accuracies
 
 
 def test_protocol_rows_hold_each_projects_k_temperature_metric_and_weighting():

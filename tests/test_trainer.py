@@ -252,6 +252,23 @@ def test_image_folder_skips_and_counts_corrupt_files_and_keeps_batches_full(tmp_
     assert all(images.shape[1:] == (3, 16, 16) and images.dtype == torch.uint8 for images, _, _ in batches)
 
 
+def test_image_folder_trains_on_every_file_embed_reads_gif_included(tmp_path):
+    from PIL import Image
+
+    from training.data import ImageFolderImages
+    from zoo.images import list_images, read_image
+
+    (tmp_path / "cat").mkdir()
+    Image.new("P", (20, 12), 3).save(tmp_path / "cat" / "a.gif")  # palette GIF: the trainer read none before
+    Image.new("L", (20, 12), 90).save(tmp_path / "cat" / "b.pgm")
+    Image.new("RGB", (20, 12), (9, 90, 200)).save(tmp_path / "cat" / "c.jpg")
+    ds = ImageFolderImages(tmp_path, size=8)
+    assert [str(p) for p, _ in ds.samples] == list_images(tmp_path)  # one extension list, the same files
+    assert read_image(tmp_path / "cat" / "a.gif").mode == "RGB"
+    image, label = ds[0]
+    assert image.shape == (3, 8, 8) and image.dtype == torch.uint8 and label == 0
+
+
 def test_bench_train_reports_speed_and_shares_side_by_side(capsys):
     from zoo_cli.bench.train import bench_train
 

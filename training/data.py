@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, Dataset
 from zoo.datasets import DatasetNotFoundError, load_fashion_mnist
 from zoo.registry import DATASET_TAGS
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+# One list of image extensions for embedding and training: a folder trains on what `zoo embed` reads.
+from zoo.images import IMAGE_EXTENSIONS
 
 
 class TensorImages(Dataset):
@@ -64,7 +65,7 @@ class ImageFolderImages(Dataset):
         self.samples = [(p, label) for label, c in enumerate(self.classes)
                         for p in sorted((self.root / c).rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
         if not self.samples:
-            raise DatasetNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}")
+            raise DatasetNotFoundError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {self.root}")
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -30,7 +30,7 @@ from training.recipe import dump_recipe
 from zoo.backbones import create_backbone
 from zoo.errors import ZooError
 from zoo.fsutil import atomic_write_bytes, atomic_write_text
-from zoo.eval import knn_accuracy
+from zoo.knn import knn_accuracy
 from zoo.preprocess import Preprocess
 from zoo.provenance import config_hash
 from zoo.registry import DATASET_TAGS, dataset_normalization

@@ -24,7 +24,7 @@ def run_demo(model_name: str | None = None, n_database: int = 10000, n_queries: 
     import torch
 
     from zoo.embed import embed
-    from zoo.eval import knn_accuracy
+    from zoo.knn import knn_accuracy
     from zoo.grid import GridRow, retrieval_grid
     from zoo.index import Index
 

@@ -31,6 +31,16 @@ class MissingDependencyError(ZooError, ImportError):
     pass
 
 
+# Raised by every stage of `zoo.embed` (sources, runners, embed, shards), so it lives below all of them.
+class EmbedError(ZooError, ValueError):
+    """Bad arguments to `embed` / `embed_to_dir` (one line, names the fix)."""
+
+
+# Raised by `zoo.index` and its files (`zoo.index_io`).
+class IndexUsageError(ZooError, ValueError):
+    """A wrong call on an index (dimension, NaN, k, ids...): one line that names the fix."""
+
+
 def closest(name: str, candidates: Iterable[str], n: int = 3) -> str:
     """The closest candidate names, quoted and comma-separated, for 'did you mean' messages."""
     candidates = list(candidates)

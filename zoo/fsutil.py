@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -24,6 +29,17 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
+
+
+def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    """A float32 `.npy` file, written atomically (embedding shards, cached reference features)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array, dtype=np.float32))
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def replace_folder(tmp: Path, final: Path) -> None:

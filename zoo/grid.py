@@ -34,7 +34,7 @@ def _font(size: int = 11):
 
 def to_thumbnail(item: Any, side: int) -> Image.Image:
     """An RGB thumbnail of `side` x `side` (letterboxed); unreadable items become a grey tile with '?'."""
-    from zoo.embed import UnreadableImage, read_image, to_model_image
+    from zoo.images import UnreadableImage, read_image, to_model_image
 
     try:
         if isinstance(item, (str, os.PathLike)):

@@ -16,36 +16,28 @@ Kinds (or any FAISS factory string; `{nlist}` in it is replaced by the chosen li
 
 `metric="cosine"` L2-normalises vectors and queries and scores by inner product (higher is closer);
 `metric="l2"` scores are squared Euclidean distances (lower is closer). On a machine with faiss GPU
-and CUDA, `device="auto"` puts every kind but HNSW on GPU 0 (saved files are CPU indexes).
+and CUDA, `device="auto"` puts every kind but HNSW on GPU 0 (saved files are CPU indexes). The
+files (`save` / `load`, and the `embed_to_dir` folders `from_shards` reads) are `zoo.index_io`'s.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from zoo.errors import ZooError, require
+from zoo.errors import IndexUsageError
+from zoo.index_io import faiss_module, read_index_folder, read_shard_folder, sample_shard_rows, write_index_folder
+from zoo.shards import iter_shards
 
 KINDS = {"flat": "Flat", "ivf": "IVF{nlist},Flat", "hnsw": "HNSW32", "sq8": "SQ8"}
 METRICS = ("cosine", "l2")
 DEFAULT_EF_SEARCH = 64
 TRAIN_POINTS_PER_LIST = 40  # FAISS warns below 39 per centroid
-
-
-class IndexUsageError(ZooError, ValueError):
-    """A wrong call on an index (dimension, NaN, k, ids...): one line that names the fix."""
-
-
-def _faiss():
-    return require("faiss", "gpu", "zoo.Index")
 
 
 def default_nlist(n: int) -> int:
@@ -108,7 +100,7 @@ class Index:
 
     # ---------------------------------------------------------------- construction
     def _build(self, n_hint: int) -> None:
-        faiss = _faiss()
+        faiss = faiss_module()
         if "{nlist}" in self.factory_template:
             self.nlist = int(self.nlist or default_nlist(n_hint))
         self.factory = self.factory_template.replace("{nlist}", str(self.nlist))
@@ -123,7 +115,7 @@ class Index:
         self._apply_search_params()
 
     def _maybe_gpu(self, index):
-        faiss = _faiss()
+        faiss = faiss_module()
         has_gpu = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
         if self.device == "cuda" and not has_gpu:
             raise IndexUsageError("device='cuda' but this faiss has no GPU support or no GPU is visible; install "
@@ -139,10 +131,10 @@ class Index:
         return gpu
 
     def _cpu_index(self):
-        return _faiss().index_gpu_to_cpu(self._index) if self._gpu else self._index
+        return faiss_module().index_gpu_to_cpu(self._index) if self._gpu else self._index
 
     def _apply_search_params(self) -> None:
-        faiss = _faiss()
+        faiss = faiss_module()
         if self._index is None:
             return
         if self.nlist:
@@ -332,67 +324,25 @@ class Index:
         Everything is written into a temporary sibling folder, then swapped in: a crash leaves the
         old index or the new one, never a mix.
         """
-        faiss = _faiss()
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-        try:
-            if self._index is not None:
-                faiss.write_index(self._cpu_index(), str(tmp / "index.faiss"))
-            table = self._id_table()
-            if table.dtype == np.int64:
-                np.save(tmp / "ids.npy", table)
-            else:
-                (tmp / "ids.json").write_text(json.dumps(self._ids))
-            if self.labels is not None:
-                (tmp / "labels.json").write_text(json.dumps(self.labels))
-            meta = {"format": "ssl-zoo-index/1", "dim": self.dim, "metric": self.metric, "kind": self.kind,
-                    "factory": self.factory, "factory_template": self.factory_template, "nlist": self.nlist,
-                    "nprobe": self._nprobe, "ef_search": self._ef_search, "ntotal": self.ntotal,
-                    "model": self.model, "faiss_version": getattr(faiss, "__version__", None)}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            old = None
-            if directory.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-                old.rmdir()
-                os.replace(directory, old)
-            os.replace(tmp, directory)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return directory
+        meta = {"dim": self.dim, "metric": self.metric, "kind": self.kind, "factory": self.factory,
+                "factory_template": self.factory_template, "nlist": self.nlist, "nprobe": self._nprobe,
+                "ef_search": self._ef_search, "ntotal": self.ntotal, "model": self.model}
+        cpu = self._cpu_index() if self._index is not None else None
+        return write_index_folder(directory, cpu, self._ids, self._id_table(), self.labels, meta)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str = "auto") -> "Index":
         """An index written by `save` (or `zoo index build`)."""
-        faiss = _faiss()
-        directory = Path(directory)
-        if not (directory / "meta.json").exists() and (directory / "index" / "meta.json").exists():
-            directory = directory / "index"  # the folder `zoo index build --out` writes
-        meta_path = directory / "meta.json"
-        if not meta_path.exists():
-            raise IndexUsageError(f"{directory} is not an ssl-zoo index folder (no meta.json); build one with "
-                                  f"`zoo index build` or Index.save")
-        meta = json.loads(meta_path.read_text())
+        directory, meta, index, ids, labels = read_index_folder(directory)
         self = cls(meta["dim"], meta["metric"], meta["kind"], device=device, nlist=meta.get("nlist"),
                    nprobe=meta.get("nprobe"), ef_search=meta.get("ef_search") or DEFAULT_EF_SEARCH,
                    model=meta.get("model"))
         self.factory_template = meta.get("factory_template") or self.factory_template
         self.factory = meta.get("factory")
-        if (directory / "index.faiss").exists():
-            self._index = self._maybe_gpu(faiss.read_index(str(directory / "index.faiss")))
+        if index is not None:
+            self._index = self._maybe_gpu(index)
             self._apply_search_params()
-        if (directory / "ids.npy").exists():
-            self._ids = np.load(directory / "ids.npy").tolist()
-        elif (directory / "ids.json").exists():
-            self._ids = json.loads((directory / "ids.json").read_text())
-        if (directory / "labels.json").exists():
-            self.labels = json.loads((directory / "labels.json").read_text())
+        self._ids, self.labels = ids, labels
         if len(self._ids) != self.ntotal:
             raise IndexUsageError(f"{directory} is inconsistent: {self.ntotal} vectors but {len(self._ids)} ids; "
                                   f"build it again")
@@ -406,34 +356,13 @@ class Index:
 
         Training (IVF, SQ) uses a random sample of rows gathered from the memory-mapped shards.
         """
-        from zoo.embed import iter_shards
-
-        directory = Path(directory)
-        info_path = directory / "index.json"
-        if not info_path.exists():
-            raise IndexUsageError(f"{directory} has no index.json; embed into it with `zoo embed ... --out {directory}`")
-        info = json.loads(info_path.read_text())
-        if not info.get("complete"):
-            raise IndexUsageError(f"{directory} is unfinished ({info['finished']} of {info['n_shards']} shards); run "
-                                  f"the same `zoo embed` again to finish it")
-        total, dim = int(info["embedded"]), info.get("dim")
-        if not total or not dim:
-            raise IndexUsageError(f"{directory} holds no embedded vectors ({info.get('failed', 0)} inputs failed)")
-        cfg = directory / "config.json"
-        model = json.loads(cfg.read_text()).get("model_info") if cfg.exists() else None
-        self = cls(int(dim), metric, kind, device=device, model=model or info.get("model"), **kwargs)
+        info, model = read_shard_folder(directory)
+        total, dim = int(info["embedded"]), info["dim"]
+        self = cls(int(dim), metric, kind, device=device, model=model, **kwargs)
         self._build(total)
         if not self._index.is_trained:
             n_train = min(total, train_size or TRAIN_POINTS_PER_LIST * max(self.nlist or 1, 256))
-            rng = np.random.default_rng(0)
-            rows = np.sort(rng.choice(total, size=n_train, replace=False))
-            parts, offset = [], 0
-            for feats, _, _ in iter_shards(directory):
-                sel = rows[(rows >= offset) & (rows < offset + len(feats))] - offset
-                if len(sel):
-                    parts.append(np.asarray(feats[sel]))
-                offset += len(feats)
-            self.train(np.concatenate(parts), n_expected=total)
+            self.train(sample_shard_rows(directory, total, n_train), n_expected=total)
         shards = iter_shards(directory)
         if progress:
             from tqdm.auto import tqdm
@@ -466,5 +395,5 @@ def _sample(x: np.ndarray, n: int) -> np.ndarray:
 
 def index_bytes(index: Index) -> int:
     """Bytes of the serialized FAISS index (what `save` writes for the vectors, headers included)."""
-    faiss = _faiss()
+    faiss = faiss_module()
     return int(faiss.serialize_index(index._cpu_index()).size)

@@ -147,7 +147,7 @@ def image_folder(root: str | os.PathLike, classes: list[str] | None = None, name
     `classes` (the training split's) makes a validation folder use the same label numbers; a class
     folder the training split lacks is an error.
     """
-    from zoo.embed import list_images
+    from zoo.images import list_images
 
     root = Path(root)
     if not root.is_dir():
@@ -228,7 +228,7 @@ class _Batches:
         if self.split.images is not None:
             x = self.split.images[idx]
             return self.preprocess(x[:, None] if x.dim() == 3 else x), self.split.labels[idx]
-        from zoo.embed import UnreadableImage, read_image
+        from zoo.images import UnreadableImage, read_image
 
         xs, ys = [], []
         for i in idx:

@@ -41,7 +41,8 @@ def _parse_fmnist(spec: str) -> FashionMNISTSplit | None:
 
 def resolve_inputs(items: Sequence[str]) -> Any:
     """CLI inputs -> something `zoo.embed` takes: a folder, a list of files, or a Fashion-MNIST split."""
-    from zoo.embed import EmbedError, list_images
+    from zoo.errors import EmbedError
+    from zoo.images import list_images
 
     datasets = [d for d in (_parse_fmnist(i) for i in items) if d is not None]
     if datasets:

@@ -23,7 +23,7 @@ def _add_embed_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from zoo.embed import embed_to_dir
+    from zoo.shards import embed_to_dir
 
     info = model_info(args)
     model = load_model(info, args.device)
@@ -41,7 +41,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
-    from zoo.embed import embed_to_dir
+    from zoo.shards import embed_to_dir
     from zoo.index import Index, index_bytes
 
     info = model_info(args)
@@ -63,7 +63,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def _rank_world() -> tuple[int, int]:
-    from zoo.embed import _dist_info
+    from zoo.shards import dist_info as _dist_info
 
     return _dist_info()
 

@@ -32,7 +32,8 @@ EVAL_PROTOCOL = ("Fashion-MNIST, backbone features of model.preprocess'd images;
 
 # ------------------------------------------------------------------------------------------ full labels
 def _cmd_eval(args: argparse.Namespace, protocols: tuple[str, ...]) -> int:
-    from zoo.eval import evaluate_model, evaluate_pixels, knn_protocol_labels
+    from zoo.eval import evaluate_model, evaluate_pixels
+    from zoo.knn import knn_protocol_labels
 
     knn_protocol = getattr(args, "protocol", None)  # `eval knn --protocol NAME`: that project's k-NN instead
     if args.dataset not in ("fmnist", "fashion_mnist"):
@@ -181,7 +182,7 @@ def cmd_eval_linear(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     """Add `eval knn`, `eval linear` and `eval finetune` to `zoo`'s sub-parsers."""
-    from zoo.eval import KNN_PROTOCOLS
+    from zoo.knn import KNN_PROTOCOLS
 
     p = subparsers.add_parser("eval", help="evaluation protocols on Fashion-MNIST")
     esub = p.add_subparsers(dest="eval_command", required=True)

@@ -18,7 +18,7 @@ def _bench_model(name: str, batch_size: int, batches: int, check: bool, image_si
 
     import zoo
     from zoo.datasets import load_fashion_mnist
-    from zoo.embed import OrtRunner, TorchRunner
+    from zoo.runners import OrtRunner, TorchRunner
     from zoo.preprocess import Preprocess
 
     spec = zoo.get_spec(name)
@@ -57,7 +57,7 @@ def _bench_model(name: str, batch_size: int, batches: int, check: bool, image_si
     ort_fp32 = None
     if "onnxruntime" in variants:
         from zoo.onnx import onnx_session
-        from zoo.quantize import onnx_path
+        from zoo.artifacts import onnx_path
 
         session = onnx_session(onnx_path(model), device="cpu")
         xn = x.numpy()
@@ -77,7 +77,7 @@ def _bench_model(name: str, batch_size: int, batches: int, check: bool, image_si
     for precision in [p for p in ("bf16", "int8") if p in variants]:
         status = "not checked (--no-check)"
         if check:
-            from zoo.quantize import check_precision, describe
+            from zoo.precision import check_precision, describe
 
             entry = check_precision(model, precision)
             status = ("ACCEPTED" if entry["accepted"] else "REFUSED") + ": " + describe(entry)
@@ -86,7 +86,7 @@ def _bench_model(name: str, batch_size: int, batches: int, check: bool, image_si
             run("ours: backend=torch bf16 (autocast)", lambda: runner16(x), status)
         else:
             from zoo.onnx import onnx_session
-            from zoo.quantize import int8_onnx_path
+            from zoo.artifacts import int8_onnx_path
 
             r8 = OrtRunner(onnx_session(int8_onnx_path(model), device="cpu"))
             run("ours: onnxruntime int8 (static QDQ)", lambda: r8(x), status)

@@ -1,0 +1,259 @@
+"""`embed_to_dir`: a corpus embedded into a folder of shards that survives a kill, split over `torchrun` ranks.
+
+    embed_to_dir(model, "photos/", "out/")      # out/features.npy + out/ids.json when it is done
+    read_embeddings("out/")                     # the same Embeddings `zoo.embed` returns
+
+Shards are written as they finish (features first, then the marker), so a run started again with the
+same arguments resumes at the first unfinished shard; `iter_shards` streams a folder shard by shard
+(memory-mapped), `merge_shards` concatenates them. Batching and runners are `zoo.embed`'s.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from zoo.embed import Embeddings, checked_runner, default_workers, prepare, run_batches
+from zoo.errors import EmbedError
+from zoo.fsutil import atomic_save_npy, atomic_write_json
+from zoo.images import DEFAULT_MAX_PIXELS
+from zoo.runners import model_device
+from zoo.sources import Source
+
+log = logging.getLogger("zoo")
+
+
+def _jsonable(x: Any) -> Any:
+    return int(x) if isinstance(x, (np.integer,)) else x
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size): from the process group when one is up, else torchrun's environment (0, 1 alone)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def shard_name(s: int) -> str:
+    """`shard-NNNNN`: the stem of shard `s`'s `.npy` features and `.json` marker under `shards/`."""
+    return f"shard-{s:05d}"
+
+
+def _finished_shards(out: Path, n_shards: int) -> dict[int, dict]:
+    """Shards whose marker (written last, atomically) exists: those are complete on disk."""
+    done = {}
+    for s in range(n_shards):
+        meta = out / "shards" / f"{shard_name(s)}.json"
+        if meta.exists():
+            try:
+                done[s] = json.loads(meta.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue  # a marker is written atomically; unreadable means foreign: redo the shard
+    return done
+
+
+def _write_index(out: Path, config: dict, n_shards: int, complete: bool) -> dict:
+    done = _finished_shards(out, n_shards)
+    shards = [{"name": shard_name(s), "start": m["start"], "stop": m["stop"], "count": m["count"],
+               "failed": len(m["failed"])} for s, m in sorted(done.items())]
+    index = {"model": config.get("model"), "dim": next((m["dim"] for m in done.values() if m.get("dim")), None),
+             "total_inputs": config["total"], "n_shards": n_shards, "finished": len(shards),
+             "embedded": sum(s["count"] for s in shards), "failed": sum(s["failed"] for s in shards),
+             "complete": complete, "merged": False, "shards": shards}
+    atomic_write_json(out / "index.json", index)
+    return index
+
+
+def embed_to_dir(model: torch.nn.Module, inputs: Any, out: str | os.PathLike, shard_size: int = 10000,
+                 batch_size: int | None = None, device: str | torch.device | None = None, backend: str = "torch",
+                 precision: str = "fp32", normalize: bool = True, progress: bool = True,
+                 num_workers: int | None = None, merge: bool = True, model_info: dict | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, layer: str | None = None, pool: str = "avg") -> dict:
+    """Embed a corpus into `out/` in shards; resumable, and split over ranks under `torchrun`.
+
+    Layout: `config.json` (what is embedded, to refuse resuming a different run), `shards/shard-NNNNN.npy`
+    (float32 features) + `shard-NNNNN.json` (ids, failed inputs, labels; written last, so its presence
+    means the shard is finished), `index.json` (the finished shards, `complete` at the end), and with
+    `merge`, `features.npy` + `ids.json` concatenated in input order (written streaming, shard by shard).
+    A killed run started again with the same arguments skips every finished shard. Under torchrun each
+    rank embeds shards `rank, rank + world, ...` (gloo on CPU, nccl on CUDA; rank 0's weights are
+    broadcast so untrained models agree) and rank 0 writes the index and the merge. Returns index.json.
+    `layer` / `pool` as in `embed`; a non-default pair is recorded in config.json (with `map_shape` for
+    `pool="none"`), and a folder only resumes the same pair.
+    """
+    import torch.distributed as dist
+
+    out = Path(out)
+    base_model = model
+    model, source, bs = prepare(model, inputs, layer, pool, backend, precision, None, max_pixels, batch_size)
+    shard_size = int(shard_size)
+    if shard_size < 1 or bs < 1:
+        raise EmbedError(f"shard_size and batch_size must be >= 1, got {shard_size} and {bs}")
+    we_init = False
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and dist.is_available() and not dist.is_initialized():
+        dev = torch.device(device) if device is not None else model_device(model)
+        if dev.type == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per rank, as torchrun lays them out
+            device = dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(dev)
+            model.to(dev)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        we_init = True
+    rank, world = dist_info()
+    try:
+        if world > 1:
+            for t in model.state_dict().values():  # identical weights on every rank (untrained models too)
+                dist.broadcast(t, 0)
+        n = len(source)
+        n_shards = max(1, -(-n // shard_size))
+        spec = getattr(model, "spec", None)
+        config = {"model": (model_info or {}).get("name", getattr(spec, "name", None)), "model_info": model_info,
+                  "inputs": source.fingerprint(), "total": n, "shard_size": shard_size, "n_shards": n_shards,
+                  "backend": backend, "precision": precision, "normalize": normalize}
+        if model is not base_model:  # only when not the default, so folders written before still resume
+            config.update(layer=model.layer, pool=model.pool)
+            if model.pool == "none":
+                config["map_shape"] = list(model.map_shape)
+        (out / "shards").mkdir(parents=True, exist_ok=True)
+        cfg_path = out / "config.json"
+        if rank == 0:
+            if cfg_path.exists():
+                old = json.loads(cfg_path.read_text())
+                keys = ("model", "inputs", "total", "shard_size", "backend", "precision", "normalize", "layer",
+                        "pool")
+                diff = [k for k in keys if old.get(k) != config.get(k)]
+                if diff:
+                    raise EmbedError(f"{out} holds a different embedding run ({', '.join(diff)} differ); "
+                                     f"pass a new --out folder or delete {out}")
+            atomic_write_json(cfg_path, config)
+        if world > 1:
+            dist.barrier()
+        done = _finished_shards(out, n_shards)
+        mine = [s for s in range(n_shards) if s % world == rank and s not in done]
+        if done and rank == 0:
+            log.info("resuming %s: %d of %d shards already finished", out, len(done), n_shards)
+        runner = checked_runner(model, backend, precision, device)
+        # Batches never cross a shard boundary, so each shard is written as soon as its last batch is in.
+        batches, owner = [], []
+        for s in mine:
+            lo, hi = s * shard_size, min((s + 1) * shard_size, n)
+            for b in range(lo, hi, bs):
+                batches.append(list(range(b, min(b + bs, hi))))
+                owner.append(s)
+        remaining = {s: sum(1 for o in owner if o == s) for s in mine}
+        acc: dict[int, dict[str, list]] = {s: {"f": [], "idx": [], "failed": [], "labels": []} for s in mine}
+        workers = default_workers(source, len(batches)) if num_workers is None else int(num_workers)
+        desc = f"embed rank {rank}/{world}" if world > 1 else "embed"
+        for b, (kept, f, bad, lab) in enumerate(run_batches(source, batches, runner, normalize, workers,
+                                                             progress, desc)):
+            s = owner[b]
+            a = acc[s]
+            if kept:
+                a["f"].append(f.numpy())
+                a["idx"].extend(kept)
+                a["labels"].extend(lab.tolist())
+            a["failed"].extend((_jsonable(source.id(i)), reason) for i, reason in bad)
+            remaining[s] -= 1
+            if remaining[s] == 0:
+                _finish_shard(out, s, shard_size, n, acc.pop(s), source, model, rank)
+                if rank == 0 and world == 1:
+                    _write_index(out, config, n_shards, complete=False)
+        for s in [s for s in mine if remaining.get(s) == 0 and s in acc]:  # shards with no batch (n == 0)
+            _finish_shard(out, s, shard_size, n, acc.pop(s), source, model, rank)
+        if world > 1:
+            dist.barrier()
+        index = None
+        if rank == 0:
+            if len(_finished_shards(out, n_shards)) != n_shards:
+                raise EmbedError(f"{out}: some shards are missing after the run; run the same command again to "
+                                 f"finish them")
+            index = _write_index(out, config, n_shards, complete=True)
+            if merge:
+                index = merge_shards(out)
+        if world > 1:
+            dist.barrier()
+            if rank != 0:
+                index = json.loads((out / "index.json").read_text())
+        return index
+    finally:
+        if we_init:
+            dist.destroy_process_group()
+
+
+def _finish_shard(out: Path, s: int, shard_size: int, n: int, a: dict, source: Source, model: torch.nn.Module,
+                  rank: int) -> None:
+    d = a["f"][0].shape[1] if a["f"] else getattr(model, "feature_dim", 0)
+    feats = np.concatenate(a["f"]) if a["f"] else np.zeros((0, d), np.float32)
+    name = shard_name(s)
+    atomic_save_npy(out / "shards" / f"{name}.npy", feats)
+    labels = a["labels"] if a["labels"] and min(a["labels"]) >= 0 and source.labelled else None
+    meta = {"start": s * shard_size, "stop": min((s + 1) * shard_size, n), "count": int(feats.shape[0]),
+            "dim": int(d), "ids": [_jsonable(source.id(i)) for i in a["idx"]], "failed": a["failed"],
+            "labels": labels, "rank": rank}
+    atomic_write_json(out / "shards" / f"{name}.json", meta)  # the marker: written after the features
+
+
+def iter_shards(out: str | os.PathLike, mmap: bool = True) -> Iterator[tuple[np.ndarray, list[Any], dict]]:
+    """(features, ids, shard metadata) of each finished shard of an `embed_to_dir` folder, in input order.
+
+    Features are memory-mapped by default, so a corpus larger than memory can be streamed.
+    """
+    out = Path(out)
+    index = json.loads((out / "index.json").read_text())
+    for sh in index["shards"]:
+        meta = json.loads((out / "shards" / f"{sh['name']}.json").read_text())
+        feats = np.load(out / "shards" / f"{sh['name']}.npy", mmap_mode="r" if mmap else None)
+        yield feats, meta["ids"], meta
+
+
+def merge_shards(out: str | os.PathLike) -> dict:
+    """Concatenate the shards of a complete `embed_to_dir` folder into `features.npy` + `ids.json`, streaming."""
+    out = Path(out)
+    index = json.loads((out / "index.json").read_text())
+    if not index.get("complete"):
+        raise EmbedError(f"{out} is not complete ({index['finished']} of {index['n_shards']} shards); run the "
+                         f"embedding again to finish it")
+    total, dim = index["embedded"], index["dim"] or 0
+    tmp = out / ".features.npy.tmp"
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(total, dim))
+    ids, failed, labels, row = [], [], [], 0
+    for feats, shard_ids, meta in iter_shards(out):
+        arr[row: row + len(feats)] = feats
+        row += len(feats)
+        ids.extend(shard_ids)
+        failed.extend(meta["failed"])
+        labels = None if labels is None or meta.get("labels") is None else labels + meta["labels"]
+    arr.flush()
+    del arr
+    os.replace(tmp, out / "features.npy")
+    atomic_write_json(out / "ids.json", {"ids": ids, "failed": failed, "labels": labels})
+    index["merged"] = True
+    atomic_write_json(out / "index.json", index)
+    return index
+
+
+def read_embeddings(out: str | os.PathLike) -> Embeddings:
+    """The `Embeddings` of an `embed_to_dir` folder (merged file if present, else the shards concatenated)."""
+    out = Path(out)
+    config = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
+    shape = tuple(config["map_shape"]) if config.get("map_shape") else None
+    if (out / "features.npy").exists() and (out / "ids.json").exists():
+        meta = json.loads((out / "ids.json").read_text())
+        feats = torch.from_numpy(np.load(out / "features.npy"))
+        labels = None if meta.get("labels") is None else torch.tensor(meta["labels"], dtype=torch.int64)
+        return Embeddings(feats, meta["ids"], [tuple(x) for x in meta["failed"]], labels, shape)
+    parts, ids, failed, labels = [], [], [], []
+    for feats, shard_ids, meta in iter_shards(out, mmap=False):
+        parts.append(feats)
+        ids.extend(shard_ids)
+        failed.extend(tuple(x) for x in meta["failed"])
+        labels = None if labels is None or meta.get("labels") is None else labels + meta["labels"]
+    feats = torch.from_numpy(np.concatenate(parts)) if parts else torch.empty(0, 0)
+    return Embeddings(feats, ids, failed, None if labels is None else torch.tensor(labels, dtype=torch.int64), shape)
