@@ -122,7 +122,9 @@ def embed_to_dir(model: torch.nn.Module, inputs: Any, out: str | os.PathLike, sh
                  max_pixels: int = DEFAULT_MAX_PIXELS, layer: str | None = None, pool: str = "avg") -> dict:
     """Embed a corpus into `out/` in shards; resumable, and split over ranks under `torchrun`.
 
-    Layout: `config.json` (what is embedded, to refuse resuming a different run), `shards/shard-NNNNN.npy`
+    Layout: `config.json` (what is embedded: model, weights fingerprint, inputs, backend, precision,
+    preprocessing, normalisation, layer / pool; a folder resumes only when all agree, `RESUME_KEYS`,
+    and a mismatch is refused without touching it), `shards/shard-NNNNN.npy`
     (float32 features) + `shard-NNNNN.json` (ids, failed inputs, labels; written last, so its presence
     means the shard is finished), `index.json` (the finished shards, `complete` at the end), and with
     `merge`, `features.npy` + `ids.json` concatenated in input order (written streaming, shard by shard).
