@@ -178,3 +178,10 @@ def test_search_refuses_a_k_that_is_not_a_positive_int_in_one_line():
         with pytest.raises(IndexUsageError, match="k must be a positive int") as err:
             index.search(_data(1), k=k)
         _one_line(err)
+
+
+def test_from_shards_names_a_malformed_index_json(tmp_path):
+    (tmp_path / "index.json").write_text('{"complete": tru')
+    with pytest.raises(IndexUsageError) as err:
+        Index.from_shards(tmp_path, progress=False)
+    assert f"{tmp_path / 'index.json'} is damaged" in _one_line(err)

@@ -41,8 +41,9 @@ def _is_index_folder(directory: Path) -> bool:
     return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
-def _check_target(directory: Path, overwrite: bool) -> list[str]:
+def check_save_target(directory: str | os.PathLike, overwrite: bool = False) -> list[str]:
     """The entries of `directory` that are not the index's own files; refuses a file or a foreign folder."""
+    directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise IndexUsageError(f"{directory} is a file; Index.save writes a folder: pass a new folder path")
     if not directory.exists():
@@ -67,7 +68,7 @@ def write_index_folder(directory: str | os.PathLike, cpu_index: Any, ids: list[A
     """
     faiss = faiss_module()
     directory = Path(directory)
-    foreign = _check_target(directory, overwrite)
+    foreign = check_save_target(directory, overwrite)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
@@ -114,7 +115,7 @@ def _replace_own_files(tmp: Path, directory: Path) -> None:
 
 
 def _damaged(path: Path, what: str) -> IndexUsageError:
-    return IndexUsageError(f"{path} is damaged ({what}); rebuild the index with `zoo index build` or Index.save")
+    return IndexUsageError(f"{path} is damaged ({what}); rebuild it (`zoo embed` / `zoo index build`, Index.save)")
 
 
 def _read_json(path: Path) -> Any:
@@ -190,14 +191,17 @@ def read_shard_folder(directory: str | os.PathLike) -> tuple[dict[str, Any], Any
     info_path = directory / "index.json"
     if not info_path.exists():
         raise IndexUsageError(f"{directory} has no index.json; embed into it with `zoo embed ... --out {directory}`")
-    info = json.loads(info_path.read_text())
+    info = _read_json(info_path)
+    if not isinstance(info, dict) or "embedded" not in info:
+        raise _damaged(info_path, "not an embedding folder's index")
     if not info.get("complete"):
         raise IndexUsageError(f"{directory} is unfinished ({info['finished']} of {info['n_shards']} shards); run "
                               f"the same `zoo embed` again to finish it")
     if not info["embedded"] or not info.get("dim"):
         raise IndexUsageError(f"{directory} holds no embedded vectors ({info.get('failed', 0)} inputs failed)")
     cfg = directory / "config.json"
-    model = json.loads(cfg.read_text()).get("model_info") if cfg.exists() else None
+    config = _read_json(cfg) if cfg.exists() else {}
+    model = config.get("model_info") if isinstance(config, dict) else None
     return info, model or info.get("model")
 
 
