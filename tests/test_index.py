@@ -82,9 +82,9 @@ def test_save_load_round_trip_keeps_results_ids_labels_and_model(tmp_path, kind)
     index.add(x, [f"p{i}" for i in range(400)], labels=[i % 3 for i in range(400)])
     before = index.search(x[:10], k=5)
     index.save(tmp_path / "ix")
-    (tmp_path / "ix" / "stale").write_text("x")  # a second save replaces the folder as a whole
+    (tmp_path / "ix" / "notes.txt").write_text("x")  # a second save replaces the index's files, keeps others
     index.save(tmp_path / "ix")
-    assert not (tmp_path / "ix" / "stale").exists()
+    assert (tmp_path / "ix" / "notes.txt").read_text() == "x"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
     loaded = Index.load(tmp_path / "ix")
     after = loaded.search(x[:10], k=5)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+from numbers import Integral
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -74,6 +75,9 @@ def prepare(model: torch.nn.Module, inputs: Any, layer: str | None, pool: str, b
             preprocess: Callable | None, max_pixels: int, batch_size: int | None
             ) -> tuple[torch.nn.Module, Source, int]:
     """(model for `layer` / `pool`, the inputs' source, batch size): what `embed` and `embed_to_dir` run."""
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, Integral)
+                                   or batch_size < 1):
+        raise EmbedError(f"batch_size must be a positive int (or None for the default), got {batch_size!r}")
     model = _stage_model(model, layer, pool, backend, precision)
     pre = _preprocess_of(model, preprocess)
     source = make_source(inputs, pre, max_pixels)
@@ -156,7 +160,9 @@ def embed(model: torch.nn.Module, inputs: Any, batch_size: int | None = None, de
           max_pixels: int = DEFAULT_MAX_PIXELS, layer: str | None = None, pool: str = "avg") -> Embeddings:
     """Embed images with a `zoo.load` model; see the module docstring for inputs, backends and precisions.
 
-    Inputs: a tensor batch (`[N, H, W]` grayscale or `[N, C, H, W]`, uint8 or float in [0, 1]), a list
+    Inputs: a tensor batch (`[N, H, W]` grayscale or `[N, C, H, W]`: uint8, other integer dtypes read as
+    0-255 pixel values, or float in [0, 1]; a float batch with values above 1, negative values, NaN,
+    bool and complex tensors are refused with one line, see `zoo.sources.checked_pixels`), a list
     of PIL images or paths, a folder (recursive, by image extension), or a map-style torch Dataset
     (yielding an image or `(image, label)`). Unreadable inputs are skipped and reported in `.failed`.
     `batch_size` defaults to 256 for models of <= 64 px input, else 32. `num_workers` defaults to

@@ -13,11 +13,24 @@ from typing import Any
 import numpy as np
 
 
+def current_umask() -> int:
+    """The process umask (read by setting it and putting it back: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def normal_mode(folder: bool = False) -> int:
+    """What open()/mkdir() would give: 0644 / 0755 under the usual umask 022 (mkstemp/mkdtemp give 0600/0700)."""
+    return (0o777 if folder else 0o666) & ~current_umask()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temp file beside `path`, fsync, then rename over it."""
+    """Write to a temp file beside `path`, fsync, then rename over it (with normal permissions)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, normal_mode())  # mkstemp's 0600 would make shared outputs unreadable to others
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -93,9 +93,14 @@ def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
             raise UnreadableImage(f"corrupt or truncated image data ({type(e).__name__}: {reason})") from None
 
 
-def list_images(folder: str | os.PathLike) -> list[str]:
-    """Image files under `folder`, recursively, by extension (case-insensitive), in sorted path order."""
+def list_images(folder: str | os.PathLike, include_broken_links: bool = False) -> list[str]:
+    """Image files under `folder`, recursively, by extension (case-insensitive), in sorted path order.
+
+    `include_broken_links`: also list image-named symlinks that resolve to nothing (a loop, a missing
+    target), so `zoo.embed` reports each in `.failed` with its reason instead of skipping it silently.
+    """
     root = Path(folder)
-    found = [str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    found = [str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+             and (p.is_file() or (include_broken_links and p.is_symlink() and not p.exists()))]
     return sorted(found)
 

@@ -31,6 +31,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from zoo.errors import IndexUsageError
+from zoo.index_ids import check_k, check_unique, normalized_ids
 from zoo.index_io import faiss_module, read_index_folder, read_shard_folder, sample_shard_rows, write_index_folder
 from zoo.shards import iter_shards
 
@@ -61,19 +62,6 @@ def _to_matrix(vectors: Any, what: str) -> np.ndarray:
     if x.ndim != 2:
         raise IndexUsageError(f"{what} must be a 2-D array [n, dim], got shape {x.shape}")
     return np.ascontiguousarray(x, dtype=np.float32)
-
-
-def _normalized_ids(ids: Iterable[Any]) -> list[Any]:
-    out = []
-    for i in ids:
-        if isinstance(i, (np.integer,)):
-            i = int(i)
-        elif isinstance(i, os.PathLike):
-            i = str(i)
-        elif not isinstance(i, (int, str)) or isinstance(i, bool):
-            raise IndexUsageError(f"ids must be ints or strings, got a {type(i).__name__} ({i!r})")
-        out.append(i)
-    return out
 
 
 class Index:
@@ -240,9 +228,10 @@ class Index:
         x = self._prepare(vectors, "vectors")
         if ids is None:
             ids = list(range(self.ntotal, self.ntotal + len(x)))
-        ids = _normalized_ids(ids)
+        ids = normalized_ids(ids)
         if len(ids) != len(x):
             raise IndexUsageError(f"got {len(x)} vectors but {len(ids)} ids; pass one id per vector")
+        check_unique(ids, self._id_set())
         if labels is not None and len(labels) != len(x):
             raise IndexUsageError(f"got {len(x)} vectors but {len(labels)} labels; pass one label per vector")
         if labels is None and self.labels is not None and len(x):
@@ -257,6 +246,7 @@ class Index:
             self.train(_sample(x, train_size or TRAIN_POINTS_PER_LIST * max(self.nlist or 1, 256 if "SQ" in
                                                                              self.factory else 1)))
         self._index.add(x)
+        self._id_set().update(ids)  # kept in step, so each add checks uniqueness without rebuilding the set
         self._ids.extend(ids)
         if labels is not None:
             self.labels = (self.labels or []) + [_jsonable(v) for v in labels]
@@ -271,8 +261,7 @@ class Index:
         """
         if self.ntotal == 0:
             raise IndexUsageError("the index is empty; add vectors before searching")
-        if not isinstance(k, (int, np.integer)) or k < 1:
-            raise IndexUsageError(f"k must be a positive int, got {k!r}")
+        k = check_k(k)
         if k > self.ntotal:
             raise IndexUsageError(f"k={k} but the index holds {self.ntotal} vectors; ask for k <= {self.ntotal}")
         q = self._prepare(queries, "queries")
@@ -308,6 +297,12 @@ class Index:
         self._table = table
         return table
 
+    def _id_set(self) -> set[Any]:
+        cached = getattr(self, "_set", None)
+        if cached is None or len(cached) != len(self._ids):
+            cached = self._set = set(self._ids)
+        return cached
+
     def labels_of(self, ids_row: Iterable[Any]) -> list[Any]:
         """Labels of ids returned by `search` (None where unknown)."""
         if self.labels is None:
@@ -318,17 +313,17 @@ class Index:
         return [self.labels[pos[i]] if i in pos else None for i in ids_row]
 
     # ---------------------------------------------------------------- files
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write `index.faiss`, `ids.json` (or `ids.npy` for int ids), `meta.json` (+ `labels.json`) atomically.
+    def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write `index.faiss`, `ids.json` (or `ids.npy` for int ids), `meta.json` (+ `labels.json`).
 
-        Everything is written into a temporary sibling folder, then swapped in: a crash leaves the
-        old index or the new one, never a mix.
+        Into a new or empty folder or over an index folder (else refused unless `overwrite=True`);
+        files that are not the index's own are never removed. See `zoo.index_io.write_index_folder`.
         """
         meta = {"dim": self.dim, "metric": self.metric, "kind": self.kind, "factory": self.factory,
                 "factory_template": self.factory_template, "nlist": self.nlist, "nprobe": self._nprobe,
                 "ef_search": self._ef_search, "ntotal": self.ntotal, "model": self.model}
         cpu = self._cpu_index() if self._index is not None else None
-        return write_index_folder(directory, cpu, self._ids, self._id_table(), self.labels, meta)
+        return write_index_folder(directory, cpu, self._ids, self._id_table(), self.labels, meta, overwrite)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str = "auto") -> "Index":

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from zoo.artifacts import weights_fingerprint
 from zoo.embed import Embeddings, checked_runner, default_workers, prepare, run_batches
 from zoo.errors import EmbedError
 from zoo.fsutil import atomic_save_npy, atomic_write_json
@@ -54,10 +55,52 @@ def _finished_shards(out: Path, n_shards: int) -> dict[int, dict]:
         meta = out / "shards" / f"{shard_name(s)}.json"
         if meta.exists():
             try:
-                done[s] = json.loads(meta.read_text())
-            except (OSError, json.JSONDecodeError):
+                m = json.loads(meta.read_text())
+                rows = np.load(meta.with_suffix(".npy"), mmap_mode="r").shape[0]
+            except (OSError, ValueError, EOFError):
                 continue  # a marker is written atomically; unreadable means foreign: redo the shard
+            if isinstance(m, dict) and rows == m.get("count") == len(m.get("ids", ())):
+                done[s] = m  # else features and marker disagree (a damaged file): redo the shard
     return done
+
+
+# Everything that changes the numbers: a folder resumes only when all of these are the same.
+RESUME_KEYS = ("model", "weights", "inputs", "total", "shard_size", "backend", "precision", "normalize", "layer",
+               "pool", "preprocess")
+
+
+def _preprocess_key(pre: Any) -> Any:
+    """The preprocessing as JSON: `zoo.preprocess.Preprocess`'s fields, else the callable's name."""
+    fields = ("input_size", "resize_size", "mean", "std", "interpolation")
+    if all(hasattr(pre, f) for f in fields):
+        return {f: list(getattr(pre, f)) if isinstance(getattr(pre, f), tuple) else getattr(pre, f) for f in fields}
+    return getattr(pre, "__qualname__", type(pre).__qualname__)
+
+
+def _short(v: Any) -> str:
+    text = json.dumps(v, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def refuse_other_run(out: Path, old: Any, config: dict) -> None:
+    """One-line EmbedError naming what differs between `out/config.json` and this run (weights, inputs...)."""
+    if not isinstance(old, dict):
+        raise EmbedError(f"{out / 'config.json'} is not an embedding config (not a JSON object); pass a new --out "
+                         f"folder")
+    new = json.loads(json.dumps(config, default=str))  # tuples as lists: compared as config.json holds them
+    diff = [k for k in RESUME_KEYS if old.get(k) != new.get(k)]
+    if diff:
+        what = "; ".join(f"{k}: {_short(old.get(k))} there, {_short(new.get(k))} now" for k in diff)
+        raise EmbedError(f"{out} holds a different embedding run ({what}); pass a new --out folder, or delete {out} "
+                         f"to start over")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise EmbedError(f"{path} is damaged (not valid JSON: {str(e).splitlines()[0]}); pass a new --out folder, "
+                         f"or delete {path.parent} to start over") from None
 
 
 def _write_index(out: Path, config: dict, n_shards: int, complete: bool) -> dict:
@@ -79,7 +122,9 @@ def embed_to_dir(model: torch.nn.Module, inputs: Any, out: str | os.PathLike, sh
                  max_pixels: int = DEFAULT_MAX_PIXELS, layer: str | None = None, pool: str = "avg") -> dict:
     """Embed a corpus into `out/` in shards; resumable, and split over ranks under `torchrun`.
 
-    Layout: `config.json` (what is embedded, to refuse resuming a different run), `shards/shard-NNNNN.npy`
+    Layout: `config.json` (what is embedded: model, weights fingerprint, inputs, backend, precision,
+    preprocessing, normalisation, layer / pool; a folder resumes only when all agree, `RESUME_KEYS`,
+    and a mismatch is refused without touching it), `shards/shard-NNNNN.npy`
     (float32 features) + `shard-NNNNN.json` (ids, failed inputs, labels; written last, so its presence
     means the shard is finished), `index.json` (the finished shards, `complete` at the end), and with
     `merge`, `features.npy` + `ids.json` concatenated in input order (written streaming, shard by shard).
@@ -92,6 +137,8 @@ def embed_to_dir(model: torch.nn.Module, inputs: Any, out: str | os.PathLike, sh
     import torch.distributed as dist
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise EmbedError(f"--out {out} is a file; embeddings are written into a folder: pass a new folder path")
     base_model = model
     model, source, bs = prepare(model, inputs, layer, pool, backend, precision, None, max_pixels, batch_size)
     shard_size = int(shard_size)
@@ -116,7 +163,8 @@ def embed_to_dir(model: torch.nn.Module, inputs: Any, out: str | os.PathLike, sh
         spec = getattr(model, "spec", None)
         config = {"model": (model_info or {}).get("name", getattr(spec, "name", None)), "model_info": model_info,
                   "inputs": source.fingerprint(), "total": n, "shard_size": shard_size, "n_shards": n_shards,
-                  "backend": backend, "precision": precision, "normalize": normalize}
+                  "backend": backend, "precision": precision, "normalize": normalize,
+                  "weights": weights_fingerprint(base_model), "preprocess": _preprocess_key(source.preprocess)}
         if model is not base_model:  # only when not the default, so folders written before still resume
             config.update(layer=model.layer, pool=model.pool)
             if model.pool == "none":
@@ -125,13 +173,7 @@ def embed_to_dir(model: torch.nn.Module, inputs: Any, out: str | os.PathLike, sh
         cfg_path = out / "config.json"
         if rank == 0:
             if cfg_path.exists():
-                old = json.loads(cfg_path.read_text())
-                keys = ("model", "inputs", "total", "shard_size", "backend", "precision", "normalize", "layer",
-                        "pool")
-                diff = [k for k in keys if old.get(k) != config.get(k)]
-                if diff:
-                    raise EmbedError(f"{out} holds a different embedding run ({', '.join(diff)} differ); "
-                                     f"pass a new --out folder or delete {out}")
+                refuse_other_run(out, _read_json(cfg_path), config)  # before config.json is touched
             atomic_write_json(cfg_path, config)
         if world > 1:
             dist.barrier()
@@ -206,17 +248,25 @@ def iter_shards(out: str | os.PathLike, mmap: bool = True) -> Iterator[tuple[np.
     Features are memory-mapped by default, so a corpus larger than memory can be streamed.
     """
     out = Path(out)
-    index = json.loads((out / "index.json").read_text())
+    index = _read_json(out / "index.json")
     for sh in index["shards"]:
-        meta = json.loads((out / "shards" / f"{sh['name']}.json").read_text())
-        feats = np.load(out / "shards" / f"{sh['name']}.npy", mmap_mode="r" if mmap else None)
+        meta = _read_json(out / "shards" / f"{sh['name']}.json")
+        npy = out / "shards" / f"{sh['name']}.npy"
+        try:
+            feats = np.load(npy, mmap_mode="r" if mmap else None)
+        except (OSError, ValueError, EOFError) as e:
+            raise EmbedError(f"{npy} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                             f"delete it and its .json, then run the same `zoo embed` again to redo it") from None
+        if feats.ndim != 2 or feats.shape[0] != len(meta["ids"]):
+            raise EmbedError(f"{npy} holds {feats.shape[0] if feats.ndim else 0} rows but its .json lists "
+                             f"{len(meta['ids'])} ids; delete both, then run the same `zoo embed` again to redo it")
         yield feats, meta["ids"], meta
 
 
 def merge_shards(out: str | os.PathLike) -> dict:
     """Concatenate the shards of a complete `embed_to_dir` folder into `features.npy` + `ids.json`, streaming."""
     out = Path(out)
-    index = json.loads((out / "index.json").read_text())
+    index = _read_json(out / "index.json")
     if not index.get("complete"):
         raise EmbedError(f"{out} is not complete ({index['finished']} of {index['n_shards']} shards); run the "
                          f"embedding again to finish it")
@@ -242,11 +292,18 @@ def merge_shards(out: str | os.PathLike) -> dict:
 def read_embeddings(out: str | os.PathLike) -> Embeddings:
     """The `Embeddings` of an `embed_to_dir` folder (merged file if present, else the shards concatenated)."""
     out = Path(out)
-    config = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
+    config = _read_json(out / "config.json") if (out / "config.json").exists() else {}
     shape = tuple(config["map_shape"]) if config.get("map_shape") else None
     if (out / "features.npy").exists() and (out / "ids.json").exists():
-        meta = json.loads((out / "ids.json").read_text())
-        feats = torch.from_numpy(np.load(out / "features.npy"))
+        meta = _read_json(out / "ids.json")
+        try:
+            feats = torch.from_numpy(np.load(out / "features.npy"))
+        except (OSError, ValueError, EOFError) as e:
+            raise EmbedError(f"{out / 'features.npy'} is damaged ({type(e).__name__}); delete it and run "
+                             f"zoo.shards.merge_shards({str(out)!r}) again") from None
+        if feats.ndim != 2 or feats.shape[0] != len(meta["ids"]):
+            raise EmbedError(f"{out / 'features.npy'} holds {feats.shape[0]} rows but {out / 'ids.json'} lists "
+                             f"{len(meta['ids'])} ids; delete both and run zoo.shards.merge_shards({str(out)!r})")
         labels = None if meta.get("labels") is None else torch.tensor(meta["labels"], dtype=torch.int64)
         return Embeddings(feats, meta["ids"], [tuple(x) for x in meta["failed"]], labels, shape)
     parts, ids, failed, labels = [], [], [], []

@@ -67,8 +67,49 @@ class Source:
         return f"{type(self).__name__}:{len(self)}"
 
 
+def _range(t: torch.Tensor) -> tuple[float, float]:
+    try:
+        return t.min().item(), t.max().item()
+    except RuntimeError:  # min/max are not implemented for every dtype (uint16/32/64): numpy has them all
+        a = t.cpu().numpy()
+        return a.min().item(), a.max().item()
+
+
+def checked_pixels(t: torch.Tensor) -> torch.Tensor:
+    """A batch `[N, C, H, W]` as uint8 (integer dtypes) or float in [0, 1]; one-line EmbedError otherwise.
+
+    uint8 is 0-255. Other integer dtypes are read as 0-255 pixel values too (converted to uint8), so
+    `torch.randint(0, 255, ...)` embeds like its uint8 copy; values outside [0, 255] are refused. Floats
+    must lie in [0, 1]: a float batch with values above 1 is refused rather than guessed to be 0-255
+    (one 0-1 image whose maximum is 1.5 after an augmentation would otherwise be rescaled silently).
+    """
+    if t.dtype == torch.bool or t.is_complex():
+        raise EmbedError(f"a {t.dtype} tensor is not an image; pass uint8 (0-255) or float in [0, 1]")
+    if any(s == 0 for s in t.shape[1:]):
+        raise EmbedError(f"a tensor input of shape {tuple(t.shape)} holds empty images; each image needs "
+                         f"channels, height and width >= 1")
+    if t.dtype == torch.uint8 or t.numel() == 0:
+        return t
+    if t.is_floating_point():
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise EmbedError(f"the tensor input holds {bad} NaN or inf value(s); images must be finite, float in "
+                             f"[0, 1] or uint8")
+        lo, hi = _range(t)
+        if lo < 0 or hi > 1:
+            raise EmbedError(f"float images must be in [0, 1] (got values in [{lo:g}, {hi:g}]); divide by 255 (or "
+                             f"pass uint8)")
+        return t
+    lo, hi = _range(t)
+    if lo < 0 or hi > 255:
+        raise EmbedError(f"integer images are read as 0-255 pixel values, got values in [{lo}, {hi}]; pass uint8 "
+                         f"(0-255) or float in [0, 1]")
+    return t.to(torch.uint8)
+
+
 class TensorSource(Source):
-    """A batch tensor `[N, H, W]` (grayscale) or `[N, C, H, W]`, uint8 or float in [0, 1]."""
+    """A batch tensor `[N, H, W]` (grayscale) or `[N, C, H, W]`: uint8 or other integers in 0-255, or float in
+    [0, 1] (`checked_pixels`)."""
 
     def __init__(self, tensor: torch.Tensor, preprocess):
         super().__init__(preprocess)
@@ -77,7 +118,7 @@ class TensorSource(Source):
         if tensor.dim() != 4:
             raise EmbedError(f"a tensor input must be a batch [N, H, W] or [N, C, H, W], got shape "
                              f"{tuple(tensor.shape)}; add a batch dim with x[None]")
-        self.tensor = tensor
+        self.tensor = checked_pixels(tensor)
 
     def __len__(self) -> int:
         return self.tensor.shape[0]
@@ -181,7 +222,7 @@ def make_source(inputs: Any, preprocess: Callable[[Any], torch.Tensor], max_pixe
     if isinstance(inputs, (str, os.PathLike)):
         p = Path(inputs)
         if p.is_dir():
-            return ListSource(list_images(p), preprocess, max_pixels)
+            return ListSource(list_images(p, include_broken_links=True), preprocess, max_pixels)
         if p.is_file():
             return ListSource([str(inputs)], preprocess, max_pixels)
         raise EmbedError(f"{inputs} is neither a folder nor a file")

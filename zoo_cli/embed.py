@@ -44,8 +44,15 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     from zoo.shards import embed_to_dir
     from zoo.index import Index, index_bytes
 
+    import zoo
+
     info = model_info(args)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise zoo.ZooError(f"--out {out} is a file; `zoo index build` writes a folder: pass a new folder path")
+    from zoo.index_io import check_save_target
+
+    check_save_target(out / "index")  # before the embedding, not after: a user's folder there is refused
     emb_dir = out / "embeddings"
     model = load_model(info, args.device)
     embed_to_dir(model, resolve_inputs(args.inputs), emb_dir, shard_size=args.shard_size, batch_size=args.batch_size,
