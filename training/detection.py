@@ -224,7 +224,7 @@ def run_detection(recipe_path: str | os.PathLike | dict, overrides: Iterable[str
     if t.get("eval", True) and rank == 0:
         results = evaluate_detector(model, test_set, device, m.get("min_size_test"), t.get("ap", "area"),
                                     workers=int(d.get("workers", 0)), limit=t.get("eval_limit"))
-        how = (f"{t.get('ap', 'area')} AP over IoU 0.50:0.95, VOC-style matching (zoo training/detection.py), "
+        how = (f"{t.get('ap', 'area')} AP over IoU 0.50:0.95, VOC-style matching (zoo training/detection_eval.py), "
                f"{min(len(test_set), t.get('eval_limit') or len(test_set))} test images of {d.get('dataset')}"
                f", min side {m.get('min_size_test')}")
         (out / "detection_results.json").write_text(json.dumps({**{k: round(v, 2) for k, v in results.items()},
