@@ -11,16 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["export_model", "publish_folder", "read_checkpoint", "read_results"]
+__all__ = ["export_model", "publish_folder"]  # run files are read by zoo.checkpoint
 
 
-def __getattr__(name: str) -> Any:  # lazy, so `import export.checkpoint` (the `zoo` command) stays cheap
+def __getattr__(name: str) -> Any:  # lazy, so `import export` (the `zoo` command) stays cheap
     if name in ("export_model", "publish_folder"):
         from export import publish
 
         return getattr(publish, name)
-    if name in ("read_checkpoint", "read_results"):
-        from export import checkpoint
-
-        return getattr(checkpoint, name)
     raise AttributeError(f"module 'export' has no attribute {name!r}")

@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
-from export.checkpoint import (RESULTS_FILE, ExportError, Results, TrainedCheckpoint, combine_results,
-                               is_exported_folder, read_checkpoint, read_exported, read_results)
+from export.checkpoint import ExportError, is_exported_folder, read_exported
+from zoo.checkpoint import (RESULTS_FILE, CheckpointError, Results, TrainedCheckpoint, combine_results,
+                            read_checkpoint, read_results)
 from zoo.safetensors_io import FORMAT_VERSION, load_backbone, read_metadata, same_weights_file, save_backbone
 from zoo.fsutil import atomic_write_text, replace_folder
 from zoo.errors import ZooError
@@ -117,6 +118,27 @@ def _read_given_results(results: str | os.PathLike) -> Results:
     return measured
 
 
+def _read_source(checkpoint: str | os.PathLike, spec: Any, results: str | os.PathLike | None,
+                 fp16: bool) -> tuple[TrainedCheckpoint, Results, bool]:
+    """(checkpoint, measured numbers, fp16) of what is exported: a training run or a folder `zoo export` wrote."""
+    try:
+        if is_exported_folder(checkpoint):  # re-card a shipped model: its numbers kept, new ones added
+            ckpt, measured = read_exported(checkpoint)
+            check_compatible(spec, ckpt)
+            if read_metadata(ckpt.path).get("dtype") == "float16":
+                fp16 = True  # a re-card keeps the published precision
+            if results is not None:
+                measured = combine_results(measured, _read_given_results(results))
+        else:
+            ckpt = read_checkpoint(checkpoint)
+            check_compatible(spec, ckpt)
+            measured = _read_given_results(results) if results is not None else \
+                read_results(ckpt.path.parent / RESULTS_FILE)
+    except CheckpointError as e:  # the library's reader: export's callers catch ExportError, as before
+        raise ExportError(str(e)) from e
+    return ckpt, measured, fp16
+
+
 def export_model(checkpoint: str | os.PathLike, name: str, *, results: str | os.PathLike | None = None,
                  fp16: bool = False, out_dir: str | os.PathLike | None = None, opset: int = 17, atol: float = 1e-4,
                  force: bool = False, update_registry: bool = True) -> ExportResult:
@@ -137,18 +159,7 @@ def export_model(checkpoint: str | os.PathLike, name: str, *, results: str | os.
     from zoo.load import load, load_weights_into
 
     spec = _full_spec(name)
-    if is_exported_folder(checkpoint):  # re-card a shipped model: its numbers kept, new ones added
-        ckpt, measured = read_exported(checkpoint)
-        check_compatible(spec, ckpt)
-        if read_metadata(ckpt.path).get("dtype") == "float16":
-            fp16 = True  # a re-card keeps the published precision
-        if results is not None:
-            measured = combine_results(measured, _read_given_results(results))
-    else:
-        ckpt = read_checkpoint(checkpoint)
-        check_compatible(spec, ckpt)
-        measured = _read_given_results(results) if results is not None else \
-            read_results(ckpt.path.parent / RESULTS_FILE)
+    ckpt, measured, fp16 = _read_source(checkpoint, spec, results, fp16)
     model = create_backbone(spec.arch)
     load_weights_into(model, ckpt.backbone, str(ckpt.path))  # strict: names every missing or mis-shaped key
 

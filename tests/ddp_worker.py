@@ -10,9 +10,10 @@ import sys
 import torch
 
 from training.methods import get_method_class
-from training.trainer import _setup_distributed, wrap_distributed
-from training import distributed as dist_utils
+from training.distributed import gather_no_grad
+from training.trainer import wrap_distributed
 from training.views import Views
+from zoo import distributed as zoo_dist
 from zoo.backbones import create_backbone
 
 BATCH = 16
@@ -21,8 +22,8 @@ BATCH = 16
 def main() -> None:
     name, hparams, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
     torch.set_num_threads(1)
-    device = _setup_distributed()
-    rank, world = dist_utils.rank(), dist_utils.world_size()
+    device = zoo_dist.init_from_env()
+    rank, world = zoo_dist.rank(), zoo_dist.world_size()
     result = {"world": world}
     # fp32: the loss as training computes it; fp64: gradients without the float noise a deep BN net amplifies.
     for dtype in (torch.float32, torch.float64):
@@ -39,12 +40,12 @@ def main() -> None:
         loss.backward()
         grad = method.backbone.conv1.weight.grad.flatten()[:64]
         # Per-sample losses (BYOL) are means over the local slice: the global loss is their average.
-        reported = dist_utils.gather_no_grad(loss.detach()[None]).mean()
+        reported = gather_no_grad(loss.detach()[None]).mean()
         result[str(dtype)] = {"loss": reported.item(), "grad": grad.tolist()}
     if rank == 0:
         with open(out, "w") as f:
             json.dump(result, f)
-    if dist_utils.is_distributed():
+    if zoo_dist.is_distributed():
         torch.distributed.destroy_process_group()
 
 

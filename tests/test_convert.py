@@ -2,7 +2,7 @@
 
 Every layout is built here from a tiny backbone (`resnet18_narrow`, 28 px) wrapped in modules whose
 attribute names are the ones the project's code uses (see the `source` of each row of
-`zoo.convert.FORMATS`), saved as that code saves it, converted, and loaded back with `zoo.load`.
+`zoo.convert_formats.FORMATS`), saved as that code saves it, converted, and loaded back with `zoo.load`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 import zoo
-from zoo.convert import FORMATS, ConversionError, convert
+from zoo.convert import convert
+from zoo.convert_formats import FORMATS, ConversionError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (see conftest.py)
 
@@ -363,7 +364,7 @@ def test_a_wrong_arch_names_the_archs_whose_shapes_fit(tmp_path):
 
 
 def test_a_converted_folder_is_what_zoo_export_reads_and_exports(tmp_path, monkeypatch):
-    from export.checkpoint import read_checkpoint
+    from zoo.checkpoint import read_checkpoint
     from export.publish import check_compatible, export_model
     from zoo import registry
 

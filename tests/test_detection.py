@@ -16,7 +16,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import zoo
-from training.detection import detection_ap, load_detection_recipe, run_detection
+from training.detection import load_detection_recipe, run_detection
+from training.detection_eval import detection_ap
 
 
 @pytest.fixture(autouse=True)

@@ -104,7 +104,7 @@ def test_cli_eval_knn_protocol_prints_the_protocol_with_every_number_and_writes_
 
 def test_protocol_knn_numbers_reach_the_model_card_each_naming_its_protocol(tmp_path, caplog):
     from export.card import protocol_knn_section
-    from export.checkpoint import read_results
+    from zoo.checkpoint import read_results
 
     path = tmp_path / "results.json"
     path.write_text(json.dumps({"knn_k20": 80.0, "knn_dinov2_k10": 81.234, "knn_lightly_k200": 79.5,

@@ -57,7 +57,7 @@ def test_malformed_recipe_yaml_names_its_file_and_line(tmp_path):
 
 
 def test_zero_byte_checkpoint_is_a_one_line_error_naming_the_file(tmp_path):
-    from training.trainer import load_checkpoint
+    from zoo.checkpoint import load_checkpoint
     from zoo.errors import ZooError
 
     (tmp_path / "checkpoint.pt").write_bytes(b"")

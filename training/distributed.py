@@ -1,21 +1,11 @@
-"""torch.distributed helpers that every method shares (no-ops in a single process)."""
+"""The all-gathers that methods share (no-ops in a single process); rank and world size are zoo.distributed's."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
-
-
-def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
+from zoo.distributed import is_distributed, world_size
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,8 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Train (or resume) as `args` say; 130 after Ctrl-C / SIGTERM with a one-line hint, else 0."""
     # Imported here: `zoo --help` and the other commands need not load the trainer.
     from training.recipe import load_recipe
-    from training.trainer import CHECKPOINT, train
+    from training.trainer import train
+    from zoo.checkpoint import CHECKPOINT_FILE
 
     if not (args.recipe or args.resume):
         parser.error(MISSING_RECIPE)  # argparse's usage line and exit status 2
@@ -45,7 +46,7 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         final = train(recipe, out, resume=bool(args.resume), progress=not args.no_progress)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: checkpoints are written atomically, so the last one is intact
-        if (out / CHECKPOINT).exists():
+        if (out / CHECKPOINT_FILE).exists():
             print(f"\ninterrupted: {out} keeps its last checkpoint; continue with `zoo train --resume {out}`",
                   file=sys.stderr)
         else:

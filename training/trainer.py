@@ -8,7 +8,6 @@ generators seeded by (seed, step), so a resumed run and every DDP rank reproduce
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -21,24 +20,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from training import distributed as dist_utils
 from training.augment import build_augment
 from training.data import BatchPlan, build_dataset, iterate_batches
 from training.methods import get_method_class
 from training.optim import build_optimizer, lr_factor
 from training.recipe import dump_recipe
 from zoo.backbones import create_backbone
+from zoo.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from zoo.distributed import init_from_env, rank, world_size
 from zoo.errors import ZooError
-from zoo.fsutil import atomic_write_bytes, atomic_write_text
+from zoo.fsutil import atomic_write_text
 from zoo.knn import knn_accuracy
 from zoo.preprocess import Preprocess
 from zoo.provenance import config_hash
 from zoo.registry import DATASET_TAGS, dataset_normalization
 
 log = logging.getLogger("training")
-
-CHECKPOINT = "checkpoint.pt"
-
 
 class TrainingDiverged(ZooError, FloatingPointError):
     pass
@@ -62,22 +59,6 @@ def _step_generator(seed: int, step: int, salt: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + salt) % (2**63 - 1))
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save through a temp file and a rename: a kill mid-write never leaves a broken checkpoint."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = (str(e).splitlines() or ["empty or unreadable file"])[0][:200]  # a zero-byte file has no message
-        raise ZooError(f"cannot read checkpoint {path} ({type(e).__name__}: {reason}); "
-                       f"it may be from another version or damaged: start a fresh run with --out") from None
-
-
 def _logged_at_or_before(line: str, step: int) -> bool:
     """A metrics.jsonl line to keep on resume; a torn line (a kill mid-write) is dropped, not fatal."""
     try:
@@ -87,20 +68,9 @@ def _logged_at_or_before(line: str, step: int) -> bool:
     return isinstance(record, dict) and record.get("step", 0) <= step
 
 
-def _setup_distributed() -> torch.device:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist_utils.is_distributed():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
-
-
 def wrap_distributed(method: nn.Module, device: torch.device) -> tuple[nn.Module, nn.Module]:
     """(method with SyncBatchNorm, DDP wrapper to call) under torch.distributed; (method, method) otherwise."""
-    if dist_utils.world_size() == 1:
+    if world_size() == 1:
         return method, method
     if device.type == "cuda":
         method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
@@ -121,8 +91,8 @@ class Trainer:
         self.recipe = recipe
         self.out = Path(out_dir)
         self.progress = progress
-        self.device = _setup_distributed()
-        self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
+        self.device = init_from_env()
+        self.rank, self.world = rank(), world_size()
         tcfg = recipe["train"]
         self.seed = int(tcfg.get("seed", 0))
         torch.manual_seed(self.seed)
@@ -163,7 +133,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         if resume:
             self._resume()
-        elif (self.out / CHECKPOINT).exists():
+        elif (self.out / CHECKPOINT_FILE).exists():
             raise ZooError(f"{self.out} already holds a run; continue it with `zoo train --resume {self.out}` "
                            f"or pass another --out")
         if self.rank == 0:
@@ -184,12 +154,13 @@ class Trainer:
 
     def save(self) -> None:
         if self.rank == 0:
-            atomic_save(self.state(), self.out / CHECKPOINT)
+            save_checkpoint(self.state(), self.out / CHECKPOINT_FILE)
 
     def _resume(self) -> None:
-        path = self.out / CHECKPOINT
+        path = self.out / CHECKPOINT_FILE
         if not path.exists():
-            raise ZooError(f"nothing to resume in {self.out} (no {CHECKPOINT}); start the run without --resume")
+            raise ZooError(f"nothing to resume in {self.out} (no {CHECKPOINT_FILE}); start the run without "
+                           f"--resume")
         ckpt = load_checkpoint(path)
         if ckpt["recipe_hash"] != config_hash(self.recipe):
             raise ZooError(f"the recipe differs from the one {self.out} was started with; resume without --set "
@@ -256,8 +227,8 @@ class Trainer:
         t2 = time.perf_counter()
         if not torch.isfinite(loss):
             raise TrainingDiverged(
-                f"loss is {loss.item()} at step {self.step}; the last good checkpoint is {self.out / CHECKPOINT}: "
-                f"lower optim.lr or raise warm-up, then `zoo train --resume {self.out}`")
+                f"loss is {loss.item()} at step {self.step}; the last good checkpoint is "
+                f"{self.out / CHECKPOINT_FILE}: lower optim.lr or raise warm-up, then `zoo train --resume {self.out}`")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -266,7 +237,7 @@ class Trainer:
         if not torch.isfinite(grad_norm):
             raise TrainingDiverged(
                 f"gradient is {grad_norm.item()} at step {self.step}; the last good checkpoint is "
-                f"{self.out / CHECKPOINT}: lower optim.lr, then `zoo train --resume {self.out}`")
+                f"{self.out / CHECKPOINT_FILE}: lower optim.lr, then `zoo train --resume {self.out}`")
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.method.after_optimizer_step(self.step, self.total_steps)

@@ -3,17 +3,12 @@
     zoo.convert("latest_model.pth", "groco", arch="resnet50", out="converted/groco-r50", name="groco-resnet50.in1k")
     model = zoo.load("groco-resnet50.in1k", pretrained="converted/groco-r50")
 
-Each format is one row of `FORMATS` (data, not code): which top-level entry of the file holds the
-state dict, which key prefix is the backbone to keep (and what it becomes: torchvision ResNet names,
-ssl-zoo's `Backbone` layout), which prefixes are the other parts of the method (projector, predictor,
-momentum / teacher copies, queues, classifier) that are dropped, and which encoder is kept and why.
+The source side (each project's layout, one row of `zoo.convert_formats.FORMATS`, and reading its file
+without running its code) is zoo/convert_formats.py; here every key is mapped and checked, and the
+folder is written.
 
-Safety and strictness:
+Strictness:
 
-- Files are read with `torch.load(..., weights_only=True)` only (or safetensors). A checkpoint that
-  pickles anything beyond tensors, containers and plain values is refused with a one-line message
-  naming the class and how to re-save it. `argparse.Namespace` (the `opt` / `args` entry ISD and
-  timm's trainer store) is the one class allowed in: it only restores attributes, runs no code.
 - Every key of the state dict is either kept, or dropped by a rule of the format's row (or by the
   caller's explicit `drop=` prefixes), and the report says how many each rule took. A key no rule
   covers, a backbone key the checkpoint lacks (except BatchNorm's `num_batches_tracked` counter,
@@ -24,19 +19,14 @@ Safety and strictness:
 
 The output folder holds `model.safetensors` (ssl-zoo's weight format), `config.json` (the registry
 row of `name` with the weights' sha256 and where they came from, `extra.converted_from`) and, when
-`name` is given, `checkpoint.pt` in the trainer's format (`method` state with `backbone.*` keys and
-a recipe naming method, arch and dataset), which is what `zoo export` and `zoo eval --weights` read.
-
-Layouts were read from each project's own code (files and commits in the rows' `source`); the
-code is not copied here.
+`name` is given, `checkpoint.pt` in the trainer's format (`zoo.checkpoint.backbone_checkpoint`: a
+recipe naming method, arch and dataset), which is what `zoo export` and `zoo eval --weights` read.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import pickle
 import re
 import shutil
 import sys
@@ -48,220 +38,15 @@ from typing import Any, Sequence
 
 import torch
 
+from zoo.checkpoint import CHECKPOINT_FILE, backbone_checkpoint, save_checkpoint
+from zoo.convert_formats import ConversionError, Format, get_format, read_checkpoint_file, select_state_dict
 from zoo.fsutil import replace_folder
-from zoo.errors import UnknownNameError, ZooError, closest
 
 BN_COUNTER = "num_batches_tracked"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-TRAINER_CHECKPOINT = "checkpoint.pt"
-# Classes a checkpoint may contain besides tensors and plain containers (weights_only allowlist).
-SAFE_GLOBALS = (argparse.Namespace,)
 PROBE_SEED = 0
 PROBE_BATCH = 2
-
-
-class ConversionError(ZooError, ValueError):
-    """A checkpoint that cannot be converted as asked (unsafe pickle, unknown/missing keys, wrong arch)."""
-
-
-@dataclass(frozen=True)
-class Format:
-    """How one project's code lays out a checkpoint, and which of its encoders is the backbone."""
-
-    name: str
-    description: str
-    source: str  # the code (repository, file, commit) the layout was read from
-    containers: tuple[str, ...]  # top-level entries holding the state dict, first present wins
-    keep: tuple[tuple[str, str], ...]  # (prefix in the file, prefix in ssl-zoo's Backbone), first match wins
-    drop: tuple[str, ...]  # prefixes of the method's other parts; checked before `keep`
-    encoder: str  # which encoder is kept, and why (printed with every conversion)
-    resave: str  # how to re-save a file that needs unpickling, in the original code
-    small_stem_note: str = ""  # printed when converting to a 3x3-stem (CIFAR/STL) arch
-
-
-_RESAVE_STATE = "load it where its code is importable and save the {what} alone: {how}"
-
-FORMATS: dict[str, Format] = {f.name: f for f in [
-    Format(
-        "groco", "GroCo authors' checkpoints (latest_model.pth, checkpoint-epochN.pth)",
-        "github.com/ninatu/learning_by_sorting@47c074e: base/base_trainer.py _save_checkpoint, "
-        "models/encoder/regular_encoder.py (torchvision ResNet as `.encoder`, fc = Identity, DDP `module.`)",
-        containers=("encoder",),
-        keep=(("module.encoder.", ""), ("encoder.", "")),
-        drop=(),
-        encoder="`encoder` (GroCo trains a single encoder; its k-NN and linear evaluations run on it); the "
-                "`projection` head and optimizer state are other entries of the file and are not read",
-        resave=_RESAVE_STATE.format(what="encoder state dict",
-                                    how="torch.save(torch.load(path)['encoder'], 'groco_encoder.pth')"),
-    ),
-    Format(
-        "wmse", "htdt/self-supervised saved model (data/{method}_{dataset}_{epoch}.pt): the method's state dict",
-        "github.com/htdt/self-supervised@d9662c8: train.py torch.save(model.state_dict()), model.py get_model "
-        "(nn.DataParallel(torchvision resnet), fc = Identity), methods/{base,w_mse,byol,contrastive}.py",
-        containers=(),
-        keep=(("model.module.", ""), ("model.", "")),
-        drop=("head.", "whitening.", "model_t.", "head_t.", "pred.", "bn_last."),
-        encoder="`model` (the encoder E: test.py evaluates model_full.model); the projection `head`, W-MSE's "
-                "`whitening`, and BYOL's target copy `model_t` / `head_t` and predictor `pred` are dropped",
-        resave=_RESAVE_STATE.format(what="state dict", how="torch.save(model.state_dict(), 'wmse.pt')"),
-    ),
-    Format(
-        "isd", "UMBCvision/ISD checkpoints (ckpt_epoch_N.pth: opt, state_dict, optimizer, epoch)",
-        "github.com/UMBCvision/ISD@4bdd603: train_isd.py / train_isd_plus.py ISD module (encoder_q / encoder_k "
-        "wrapped in nn.DataParallel, predict_q, queue buffers), eval_knn.py / eval_linear.py keep encoder_q",
-        containers=("state_dict", "model"),
-        keep=(("encoder_q.module.", ""), ("encoder_q.", "")),
-        drop=("encoder_q.module.fc.", "encoder_q.fc.", "encoder_k.", "predict_q.", "queue", "labels"),
-        encoder="`encoder_q`, the student (ISD's eval_knn.py and eval_linear.py evaluate it); the teacher "
-                "`encoder_k` (momentum copy), the predictor `predict_q`, the student's MLP `fc` (ISD+) and "
-                "the similarity queue are dropped",
-        resave=_RESAVE_STATE.format(what="state dict",
-                                    how="torch.save(torch.load(path)['state_dict'], 'isd_state.pth')"),
-    ),
-    Format(
-        "equimod", "ADevillers/EquiMod checkpoints (SimCLR+EquiMod and BYOL+EquiMod branches)",
-        "github.com/ADevillers/EquiMod: branches SimCLR+EquiMod@908c7b4 and BYOL+EquiMod@5c936cf, src/main.py "
-        "checkpoint_data (model, momentum_model, optimizer_repr, schedulers) and src/model.py (`resnet`, "
-        "fc = Identity)",
-        containers=("model",),
-        keep=(("module.resnet.", ""), ("resnet.", "")),
-        drop=("proj_head_inv.", "proj_head_eq.", "proj_head_t.", "predictor_eq.", "predictor_inv."),
-        encoder="`model.resnet`, the online encoder (EquiMod's linear evaluation runs model.resnet); the "
-                "invariance / equivariance heads and predictors are dropped, BYOL's `momentum_model` "
-                "(m_resnet, m_proj_head_inv) is another entry of the file and is not read",
-        resave=_RESAVE_STATE.format(what="model state dict",
-                                    how="torch.save(torch.load(path)['model'], 'equimod_model.pt')"),
-    ),
-    Format(
-        "solo-learn", "solo-learn PyTorch Lightning .ckpt files",
-        "github.com/vturrisi/solo-learn@9187ea3: solo/methods/base.py (`backbone` = torchvision resnet, fc = "
-        "Identity; BaseMomentumMethod `momentum_backbone`), solo/methods/*.py heads",
-        containers=("state_dict",),
-        keep=(("backbone.", ""),),
-        drop=("momentum_backbone.", "projector.", "momentum_projector.", "predictor.", "classifier.",
-              "momentum_classifier.", "head.", "momentum_head.", "prototypes.", "queue", "whitening.",
-              "transformer_encoder.", "decoder", "mask_token"),
-        encoder="`backbone` (the online network: what solo-learn's main_knn.py, main_linear.py and online "
-                "classifier evaluate); `momentum_backbone` and the projector / predictor / heads / queues are "
-                "dropped",
-        resave=_RESAVE_STATE.format(what="state dict",
-                                    how="torch.save(torch.load(path, weights_only=False)['state_dict'], 'solo.pt')"),
-        small_stem_note="solo-learn's CIFAR stem is a 3x3 conv with padding 2 (solo/methods/base.py), ssl-zoo's "
-                        "3x3 stems pad by 1: the weights fit, but the features are not solo-learn's own for CIFAR "
-                        "models (ImageNet-stem models are identical)",
-    ),
-    Format(
-        "lightly", "lightly (LightningModule) .ckpt files: benchmarks and examples with a torchvision ResNet",
-        "github.com/lightly-ai/lightly@e8d317f: benchmarks/imagenet/resnet50/*.py (`backbone` = resnet50 with "
-        "fc = Identity; teacher/key/momentum copies), docs/source/getting_started/benchmarks/imagenet100_benchmark.py "
-        "(`backbone` = nn.Sequential(*list(resnet.children())[:-1]): 0 conv1, 1 bn1, 4-7 layer1-4)",
-        containers=("state_dict",),
-        keep=(("backbone.0.", "conv1."), ("backbone.1.", "bn1."), ("backbone.4.", "layer1."),
-              ("backbone.5.", "layer2."), ("backbone.6.", "layer3."), ("backbone.7.", "layer4."),
-              ("backbone.", "")),
-        drop=("backbone_momentum.", "projection_head.", "projection_head_momentum.", "prediction_head.",
-              "online_classifier.", "teacher_backbone.", "teacher_head.", "teacher_projection_head.",
-              "student_backbone.", "student_head.", "student_projection_head.", "key_backbone.",
-              "key_projection_head.", "anchor_backbone.", "anchor_projection_head.", "local_projection_head.",
-              "head.", "prototypes.", "queues.", "memory_bank.", "criterion.", "knn_classifier."),
-        encoder="`backbone`, the network the module's forward() runs and lightly's k-NN / linear evaluations "
-                "use (online for BYOL / SimCLR, query for MoCo, teacher in the ResNet-50 DINO benchmark); the "
-                "momentum / teacher / student / key copies, heads, prototypes, queues and online classifier "
-                "are dropped. lightly's own ResNetGenerator layout (`shortcut`, `linear`) is not torchvision's "
-                "and is not supported",
-        resave=_RESAVE_STATE.format(what="state dict",
-                                    how="torch.save(torch.load(path, weights_only=False)['state_dict'], "
-                                        "'lightly.pt')"),
-    ),
-    Format(
-        "torchvision", "a plain torchvision ResNet state dict (model.state_dict(), e.g. resnet50-*.pth)",
-        "torchvision.models.resnet (conv1, bn1, layer1-4, fc)",
-        containers=("state_dict", "model"),
-        keep=(("module.", ""), ("", "")),
-        drop=("fc.", "module.fc."),
-        encoder="the whole network; the classifier `fc` is dropped",
-        resave=_RESAVE_STATE.format(what="state dict", how="torch.save(model.state_dict(), 'resnet.pth')"),
-    ),
-    Format(
-        "timm", "a timm ResNet state dict (pytorch_model.bin / model.safetensors, or a timm train.py checkpoint)",
-        "github.com/huggingface/pytorch-image-models@aa4b585: timm/models/resnet.py (conv1, bn1, layer1-4 with "
-        "downsample.0/.1 as torchvision, classifier `fc`; deep-stem / avg-down variants such as resnet50d have "
-        "conv1.0-6 and downsample.1/.2 and do not fit a torchvision arch)",
-        containers=("state_dict", "model"),
-        keep=(("", ""),),
-        drop=("fc.",),
-        encoder="the whole network (`state_dict`, not `state_dict_ema`, for a train.py checkpoint); the "
-                "classifier `fc` is dropped",
-        resave=_RESAVE_STATE.format(what="state dict", how="torch.save(model.state_dict(), 'timm_resnet.pth')"),
-    ),
-]}
-
-
-def get_format(name: str) -> Format:
-    if name not in FORMATS:
-        raise UnknownNameError(f"unknown checkpoint format {name!r}; did you mean {closest(name, FORMATS)}? "
-                               f"Known: {', '.join(FORMATS)}")
-    return FORMATS[name]
-
-
-# ------------------------------------------------------------------------------------------ reading
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[-1][:200] if text else type(e).__name__
-
-
-def read_checkpoint_file(path: str | os.PathLike, fmt: Format | None = None) -> Any:
-    """The file's object, loaded without running any of its code (weights_only / safetensors)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConversionError(f"{path} does not exist or is not a file; pass the checkpoint file itself")
-    if path.suffix == ".safetensors":
-        from zoo.load import load_state_dict_file
-
-        return load_state_dict_file(path)
-    try:
-        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL (\S+)", str(e))
-        what = f"it pickles {found.group(1)}" if found else f"it needs a pickle feature weights_only refuses " \
-                                                            f"({_one_line(e)})"
-        how = fmt.resave if fmt is not None else _RESAVE_STATE.format(
-            what="state dict", how="torch.save(obj.state_dict(), 'plain.pt')")
-        raise ConversionError(
-            f"refused {path}: loading it would run arbitrary code ({what}; ssl-zoo loads checkpoints with "
-            f"torch.load(weights_only=True) only); {how}, then convert that file") from None
-    except Exception as e:  # truncated zip, not a torch file at all, ...
-        raise ConversionError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: "
-                              f"{_one_line(e)}); pass the file the training code saved") from e
-
-
-def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(torch.is_tensor(v) for v in obj.values())
-
-
-def select_state_dict(obj: Any, fmt: Format, source: str) -> tuple[dict[str, torch.Tensor], str | None, list[str]]:
-    """(state dict, the top-level entry it came from or None, the top-level entries not read)."""
-    if _is_state_dict(obj):
-        return dict(obj), None, []
-    if not isinstance(obj, dict):
-        raise ConversionError(f"{source} holds a {type(obj).__name__}, not a dict of tensors; a {fmt.name} "
-                              f"checkpoint is a dict ({fmt.description})")
-    for entry in fmt.containers:
-        if entry in obj:
-            state = obj[entry]
-            if not isinstance(state, dict):
-                raise ConversionError(f"{source}['{entry}'] is a {type(state).__name__}, not a state dict")
-            bad = sorted(k for k, v in state.items() if not torch.is_tensor(v))
-            if bad:
-                raise ConversionError(f"{source}['{entry}'] holds non-tensor entries {', '.join(map(str, bad[:8]))}; "
-                                      f"it is not a state dict")
-            return dict(state), entry, sorted(str(k) for k in obj if k != entry)
-    where = f"none of {', '.join(repr(c) for c in fmt.containers)}" if fmt.containers else "not a state dict"
-    raise ConversionError(f"{source} holds entries {', '.join(sorted(map(str, obj))[:12])}: {where} "
-                          f"({fmt.name}: {fmt.description}); is it a {fmt.name} checkpoint? `zoo convert --help` "
-                          f"lists the formats")
 
 
 # ------------------------------------------------------------------------------------------ mapping
@@ -392,7 +177,7 @@ class Conversion:
                          f"zoo export {self.out} --name {self.name}")
         else:
             lines.append(f"  load: zoo.load(NAME, pretrained={str(self.out)!r}) with a NAME of arch {self.arch}; "
-                         f"convert with --name NAME to also write {TRAINER_CHECKPOINT} for `zoo export`")
+                         f"convert with --name NAME to also write {CHECKPOINT_FILE} for `zoo export`")
         return lines
 
 
@@ -418,7 +203,6 @@ def _recipe_dataset(tag: str) -> str:
     return names[0]
 
 
-
 def convert(checkpoint: str | os.PathLike, fmt: str, arch: str | None = None, out: str | os.PathLike | None = None,
             *, name: str | None = None, drop: Sequence[str] = (), force: bool = False,
             verbose: bool = True) -> Conversion:
@@ -436,7 +220,6 @@ def convert(checkpoint: str | os.PathLike, fmt: str, arch: str | None = None, ou
     from zoo.backbones import create_backbone, get_arch
     from zoo.hub import sha256_file
     from zoo.load import load_state_dict_file, load_weights_into
-    from zoo.provenance import config_hash
     from zoo.registry import get_spec, registry
     from zoo.safetensors_io import save_backbone
 
@@ -496,9 +279,7 @@ def convert(checkpoint: str | os.PathLike, fmt: str, arch: str | None = None, ou
         if spec is not None:
             recipe = {"method": {"name": spec.method}, "model": {"arch": arch},
                       "data": {"dataset": _recipe_dataset(spec.tag)}, "converted_from": provenance}
-            torch.save({"method": {f"backbone.{k}": v for k, v in model.state_dict().items()},
-                        "recipe_json": json.dumps(recipe, sort_keys=True), "recipe_hash": config_hash(recipe),
-                        "history": "[]", "step": 0, "epoch": 0}, tmp / TRAINER_CHECKPOINT)
+            save_checkpoint(backbone_checkpoint(model.state_dict(), recipe), tmp / CHECKPOINT_FILE)
 
         # The written file, loaded back as users will: strict keys, identical features.
         reloaded = create_backbone(arch)

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from zoo import distributed as zoo_dist
 from zoo.artifacts import weights_fingerprint
 from zoo.embed import Embeddings, checked_runner, default_workers, prepare, run_batches
 from zoo.errors import EmbedError
@@ -32,15 +33,6 @@ log = logging.getLogger("zoo")
 
 def _jsonable(x: Any) -> Any:
     return int(x) if isinstance(x, (np.integer,)) else x
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world size): from the process group when one is up, else torchrun's environment (0, 1 alone)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def shard_name(s: int) -> str:
@@ -145,15 +137,14 @@ def embed_to_dir(model: torch.nn.Module, inputs: Any, out: str | os.PathLike, sh
     if shard_size < 1 or bs < 1:
         raise EmbedError(f"shard_size and batch_size must be >= 1, got {shard_size} and {bs}")
     we_init = False
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and dist.is_available() and not dist.is_initialized():
+    if zoo_dist.world_size() > 1 and not zoo_dist.is_distributed():
         dev = torch.device(device) if device is not None else model_device(model)
-        if dev.type == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per rank, as torchrun lays them out
-            device = dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(dev)
-            model.to(dev)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-        we_init = True
-    rank, world = dist_info()
+        ranked = zoo_dist.init_from_env(dev)
+        if ranked != dev:  # one GPU per rank, as torchrun lays them out
+            device = ranked
+            model.to(ranked)
+        we_init = zoo_dist.is_distributed()
+    rank, world = zoo_dist.rank(), zoo_dist.world_size()
     try:
         if world > 1:
             for t in model.state_dict().values():  # identical weights on every rank (untrained models too)

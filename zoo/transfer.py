@@ -25,7 +25,6 @@ Results merge into the CLI's `results.json` (`--results`): each key plus `transf
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -352,15 +351,7 @@ def protocol_text(result: dict[str, Any], dataset: str) -> str:
 
 def merge_results(path: str | os.PathLike, results: Sequence[dict[str, Any]], dataset: str) -> Path:
     """Merge transfer numbers into a results.json (keys + `transfer_protocols`), keeping everything else."""
-    path = Path(path)
-    data = json.loads(path.read_text()) if path.exists() else {}
-    if not isinstance(data, dict):
-        raise TransferError(f"{path} must hold a JSON object; it is read by zoo export")
-    protocols = data.get("transfer_protocols") or {}
-    for r in results:
-        data[r["key"]] = round(float(r["top1"]), 2)
-        protocols[r["key"]] = protocol_text(r, dataset)
-    data["transfer_protocols"] = protocols
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
-    return path
+    from zoo.checkpoint import update_results
+
+    return update_results(path, {r["key"]: r["top1"] for r in results},
+                          {r["key"]: protocol_text(r, dataset) for r in results})

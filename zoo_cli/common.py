@@ -12,6 +12,8 @@ from typing import Any, Sequence
 
 import torch  # already imported by `zoo` itself; everything heavier is imported where used
 
+from zoo.checkpoint import CHECKPOINT_FILE
+
 
 class FashionMNISTSplit(torch.utils.data.Dataset):
     """A torch Dataset of Fashion-MNIST images + labels, items named `fmnist:<split>:<i>`."""
@@ -90,7 +92,7 @@ def load_model(info: dict[str, Any], device: str | None = None) -> torch.nn.Modu
         torch.manual_seed(int(info.get("seed", 0)))  # the same random weights in every process
         return zoo.load(info["name"], pretrained=False, device=device)
     if weights != "registry" and is_training_run(weights):  # a `zoo train` run: its backbone, before export
-        from export.checkpoint import read_checkpoint
+        from zoo.checkpoint import read_checkpoint
         from zoo.load import load_weights_into
 
         model = zoo.load(info["name"], pretrained=False, device="cpu")
@@ -100,6 +102,6 @@ def load_model(info: dict[str, Any], device: str | None = None) -> torch.nn.Modu
 
 
 def is_training_run(path: str) -> bool:
-    """A `zoo train` run folder or its checkpoint.pt (read with export's checkpoint reader, not as weights)."""
+    """A `zoo train` run folder or its checkpoint.pt (read with zoo.checkpoint's reader, not as weights)."""
     p = Path(path)
-    return p.suffix == ".pt" or (p.is_dir() and (p / "checkpoint.pt").exists())
+    return p.suffix == ".pt" or (p.is_dir() and (p / CHECKPOINT_FILE).exists())

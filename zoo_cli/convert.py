@@ -1,6 +1,6 @@
 """`zoo convert CHECKPOINT --from FORMAT --arch ARCH --out DIR`: another project's checkpoint -> zoo's folder.
 
-The conversion itself (formats, key rules, checks) is the library's `zoo.convert`.
+The conversion itself is the library's: formats in `zoo.convert_formats`, key rules and checks in `zoo.convert`.
 """
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from zoo.convert import FORMATS, convert
+from zoo.convert import convert
+from zoo.convert_formats import FORMATS
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:

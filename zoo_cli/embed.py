@@ -41,8 +41,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
-    from zoo.shards import embed_to_dir
+    from zoo.distributed import rank
     from zoo.index import Index, index_bytes
+    from zoo.shards import embed_to_dir
 
     import zoo
 
@@ -59,7 +60,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
                  backend=args.backend, precision=args.precision, progress=not args.no_progress,
                  num_workers=args.workers, merge=False, model_info={**info, "backend": args.backend,
                                                                    "precision": args.precision})
-    if _rank_world()[0] != 0:  # under torchrun, rank 0 builds the index from everyone's shards
+    if rank() != 0:  # under torchrun, rank 0 builds the index from everyone's shards
         return 0
     index = Index.from_shards(emb_dir, metric=args.metric, kind=args.kind, progress=not args.no_progress)
     _label_names(index)
@@ -67,12 +68,6 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     print(f"{out / 'index'}: {index.ntotal} vectors, {index.factory} ({index.metric}), "
           f"{index_bytes(index) / max(index.ntotal, 1):.0f} bytes/vector; search it with `zoo search {out} IMAGE`")
     return 0
-
-
-def _rank_world() -> tuple[int, int]:
-    from zoo.shards import dist_info as _dist_info
-
-    return _dist_info()
 
 
 def _label_names(index) -> None:

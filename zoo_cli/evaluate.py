@@ -69,17 +69,16 @@ def _cmd_eval(args: argparse.Namespace, protocols: tuple[str, ...]) -> int:
 
 def _write_results(path: Path, res: dict[str, float], args: argparse.Namespace) -> None:
     """Merge measured numbers into a results.json that `zoo export` turns into the model card."""
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data.update({k: round(float(v), 2) for k, v in res.items()})
-    data["protocol"] = EVAL_PROTOCOL
-    if args.weights and is_training_run(args.weights):
-        from export.checkpoint import checkpoint_path
+    from zoo.checkpoint import update_results
 
-        ckpt = torch.load(checkpoint_path(args.weights), map_location="cpu", weights_only=True)
+    values: dict[str, Any] = {**res, "protocol": EVAL_PROTOCOL}
+    if args.weights and is_training_run(args.weights):
+        from zoo.checkpoint import checkpoint_path, load_checkpoint
+
+        ckpt = load_checkpoint(checkpoint_path(args.weights))
         if ckpt.get("train_seconds"):
-            data["train_minutes"] = round(float(ckpt["train_seconds"]) / 60, 1)
-    path.write_text(json.dumps(data, indent=2) + "\n")
-    print(f"wrote {path}")
+            values["train_minutes"] = round(float(ckpt["train_seconds"]) / 60, 1)
+    print(f"wrote {update_results(path, values)}")
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:

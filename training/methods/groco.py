@@ -48,10 +48,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.distributed import gather_no_grad, gather_with_grad, rank
+from training.distributed import gather_no_grad, gather_with_grad
 from training.methods.base import SSLMethod, forward_by_size, loss_dtype, no_autocast
 from training.methods.heads import mlp
 from training.views import Views
+from zoo.distributed import rank
 
 # Largest sorting network accepted (wires). Odd-even work is O(B n^4): see module docstring, point 2.
 MAX_SORTER_SIZE = 64

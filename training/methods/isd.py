@@ -77,10 +77,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.distributed import gather_no_grad, world_size
+from training.distributed import gather_no_grad
 from training.methods.base import SSLMethod, ema_update, momentum_copy, no_autocast
 from training.methods.heads import mlp
 from training.views import Views
+from zoo.distributed import world_size
 
 
 

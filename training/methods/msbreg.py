@@ -66,11 +66,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.distributed import gather_with_grad, rank, world_size
+from training.distributed import gather_with_grad
 from training.methods.base import (SSLMethod, cosine_momentum, ema_update, forward_by_size, momentum_copy,
                                    no_autocast)
 from training.methods.heads import mlp
 from training.views import Views
+from zoo.distributed import rank, world_size
 
 
 def _fp(x: torch.Tensor) -> torch.Tensor:
