@@ -33,7 +33,7 @@ from zoo.fsutil import atomic_write_bytes, atomic_write_text
 from zoo.knn import knn_accuracy
 from zoo.preprocess import Preprocess
 from zoo.provenance import config_hash
-from zoo.registry import DATASET_TAGS, dataset_normalization
+from zoo.registry import get_dataset
 
 log = logging.getLogger("training")
 
@@ -129,8 +129,8 @@ class Trainer:
 
         data_cfg = recipe["data"]
         self.dataset = build_dataset(data_cfg, "train")
-        tag = DATASET_TAGS[data_cfg["dataset"]]
-        self.mean, self.std = dataset_normalization(tag)
+        row = get_dataset(data_cfg["dataset"])
+        self.mean, self.std = row.mean, row.std
         self.plan = BatchPlan(len(self.dataset), int(data_cfg["batch_size"]), self.seed, self.rank, self.world)
         self.epochs = int(tcfg["epochs"])
         self.total_steps = self.epochs * self.plan.batches_per_epoch
