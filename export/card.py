@@ -137,7 +137,8 @@ def build_card(spec: ModelSpec, checkpoint: TrainedCheckpoint, results: Results,
     recipe = checkpoint.recipe
     batch = (recipe.get("data") or {}).get("batch_size")
     trained_on = checkpoint.dataset or spec.dataset
-    if RECIPE_DATASETS.get(trained_on) == spec.dataset:
+    row = _dataset_row(spec)
+    if row is not None and row.trainer == trained_on:
         data_row = f"{display} train split (recipe dataset `{trained_on}`), labels unused"
         pretrained_on = f"**{display}**"
     else:  # e.g. a smoke-test run on synthetic images: say so rather than claim the registry's dataset

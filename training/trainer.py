@@ -34,6 +34,7 @@ from zoo.knn import knn_accuracy
 from zoo.preprocess import Preprocess
 from zoo.provenance import config_hash
 from zoo.registry import get_dataset
+from zoo.runners import run_chunks
 
 log = logging.getLogger("training")
 
@@ -293,11 +294,10 @@ class Trainer:
         backbone.eval()
 
         def embed(x: torch.Tensor) -> torch.Tensor:
-            feats = []
-            for chunk in x.split(512):
-                with self._autocast():
-                    feats.append(backbone(preprocess(chunk).to(self.device)).float())
-            return torch.cat(feats)
+            # The bare loop, not zoo.embed.embed: the training backbone (no spec, so no runner or frozen graph;
+            # a runner would also convert it to channels_last in place) in the recipe's autocast, on its device.
+            with self._autocast():
+                return run_chunks(lambda batch: backbone(batch.to(self.device)), preprocess, x, 512)
 
         acc = knn_accuracy(embed(bank_x), bank_y, embed(test_x), test_y, k=int(ecfg.get("knn_k", 20)),
                            temperature=float(ecfg.get("knn_t", 0.07)))
