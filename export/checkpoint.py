@@ -12,7 +12,6 @@ import re
 from pathlib import Path
 
 from zoo.checkpoint import CHECKPOINT_FILE, Results, TrainedCheckpoint, parse_results
-from zoo.checkpoint import METRICS  # noqa: F401  export/card.py (another owner's file) still imports it from here
 from zoo.errors import ZooError
 from zoo.provenance import config_hash
 

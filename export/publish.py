@@ -27,7 +27,7 @@ from zoo.checkpoint import (RESULTS_FILE, CheckpointError, Results, TrainedCheck
 from zoo.safetensors_io import FORMAT_VERSION, load_backbone, read_metadata, same_weights_file, save_backbone
 from zoo.fsutil import atomic_write_text, replace_folder
 from zoo.errors import ZooError
-from zoo.registry import DATASET_TAGS
+from zoo.registry import UnknownDatasetError, get_dataset
 
 log = logging.getLogger("export")
 
@@ -59,7 +59,10 @@ def check_compatible(spec: Any, ckpt: TrainedCheckpoint) -> None:
     if ckpt.method != spec.method:
         raise ExportError(f"{ckpt.path} was trained with method {ckpt.method!r} but {spec.name} is {spec.method!r}; "
                           f"export it under a {ckpt.method} name")
-    tag = DATASET_TAGS.get(ckpt.dataset or "")
+    try:
+        tag: str | None = get_dataset(ckpt.dataset or "").tag
+    except UnknownDatasetError:  # said below, with the registry row's tag
+        tag = None
     if tag != spec.tag:
         raise ExportError(f"{ckpt.path} was trained on {ckpt.dataset!r} (tag {tag!r}) but {spec.name} is tagged "
                           f"{spec.tag!r}; export it under a .{tag} name")
@@ -74,11 +77,11 @@ def parity_inputs(spec: Any) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     inputs = {"random": torch.randn(N_RANDOM, 3, size, size, generator=gen)}
     if spec.tag == "fmnist":
-        from zoo.datasets import load_fashion_mnist
+        from zoo.datasets import fashion_mnist_split
         from zoo.preprocess import Preprocess
 
-        images, _ = load_fashion_mnist("test")  # missing data: a one-line error naming the apt package
-        inputs["Fashion-MNIST test"] = Preprocess.from_spec(spec)(images[:N_REAL, None])
+        real = fashion_mnist_split("test", N_REAL)  # missing data: a one-line error naming the apt package
+        inputs[real.name] = Preprocess.from_spec(spec)(real.images[:, None])
     else:  # no dataset here: images with the value range of real ones (uniform pixels, normalised)
         mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
         std = torch.tensor(spec.std).view(1, 3, 1, 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import socket
@@ -226,3 +227,19 @@ def test_torchrun_two_processes_embed_their_own_slices_and_merge_to_the_single_p
     assert merged.ids == single.ids and len(merged.ids) == 22
     assert torch.allclose(merged.features, single.features, atol=1e-5)
     assert [Path(p).name for p, _ in merged.failed] == ["broken.png"]
+
+
+def test_fmnist_inputs_take_the_first_n_images_and_a_bad_n_is_one_line_naming_the_syntax(tmp_path, capsys):
+    from zoo_cli.common import resolve_inputs
+    from zoo_cli.main import main
+
+    first = resolve_inputs(["fmnist:test:5"])
+    assert len(first) == 5 and first.ids == [f"fmnist:test:{i}" for i in range(5)]
+    assert first[0][0].shape == (1, 28, 28) and first[0][1] == int(first.labels[0])
+    for bad in ("fmnist:test:-5", "fmnist:test:five", "fmnist:val", "fmnist:test:5:6"):
+        with pytest.raises(EmbedError, match=re.escape("write fmnist:train, fmnist:test or fmnist:<train|test>:N")):
+            resolve_inputs([bad])
+    out = tmp_path / "emb"
+    assert main(["embed", NAME, "--untrained", "fmnist:test:-5", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "fmnist:<train|test>:N" in err and not out.exists()

@@ -252,7 +252,7 @@ def test_card_snippets_load_the_files_with_torchvision_and_onnxruntime_alone(exp
 # The stem variants (narrow: above); the resnet50 ones differ only in the constructor name and cost ~8 s here.
 @pytest.mark.parametrize("arch", ["resnet18_cifar", "resnet18_stl"])
 def test_torchvision_snippet_rebuilds_the_small_stem_archs(arch, tmp_path):
-    from export.card import torchvision_snippet
+    from export.snippets import torchvision_snippet
     from zoo.safetensors_io import save_backbone
 
     spec = registry.make_spec("wmse", arch, "c10")  # 32 px inputs: fast on 2 cores, valid for every stem
@@ -426,7 +426,7 @@ def _shipped_copy(env: Path, name: str) -> Path:
 
 def test_a_shipped_folder_is_re_carded_keeping_its_bytes_numbers_and_adding_new_ones(env, tmp_path):
     """A shipped model whose run is gone: `zoo export model_cards/NAME --results new.json --force`."""
-    from export.card import recipe_header
+    from export.card_sections import recipe_header
     from export.checkpoint import ExportError
     from export.publish import export_model
     name = "isd-resnet18_narrow.fmnist"
@@ -459,7 +459,7 @@ def test_a_shipped_folder_is_re_carded_keeping_its_bytes_numbers_and_adding_new_
 
 
 def test_card_shows_the_recipe_header_only_for_the_recipe_the_weights_were_trained_with(exported):
-    from export.card import recipe_header
+    from export.card_sections import recipe_header
 
     header = recipe_header("training/recipes/wmse/fmnist.yaml")
     assert header.startswith("W-MSE 2 on Fashion-MNIST") and "\n#" not in header and "method:" not in header

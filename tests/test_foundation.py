@@ -237,3 +237,29 @@ def test_every_shipped_model_was_trained_by_its_recipe_file_as_committed(name):
     assert config["recipe"] == spec.recipe
     assert config_hash(load_recipe(spec.recipe)) == config["extra"]["recipe_hash"], (
         f"{spec.recipe} differs from the recipe {name} was trained with")
+
+
+def test_one_dataset_row_answers_every_name_and_unknown_names_list_the_known_ones():
+    from zoo.registry import DATASET_ROWS, UnknownDatasetError, get_dataset
+
+    fmnist = get_dataset("fmnist")
+    assert all(get_dataset(n) is fmnist for n in ("fashion_mnist", "fashion-mnist", "synthetic"))
+    assert (fmnist.num_classes, fmnist.display, fmnist.trainer) == (10, "Fashion-MNIST", "fashion_mnist")
+    assert get_dataset("imagenet").tag == get_dataset("imagenet-1k").tag == "in1k"
+    names = [n for row in DATASET_ROWS for n in row.names]
+    assert len(names) == len(set(names))  # no name in two rows
+    with pytest.raises(UnknownDatasetError, match="unknown dataset 'mnist'; known: .*Fashion-MNIST") as e:
+        get_dataset("mnist")
+    assert isinstance(e.value, KeyError) and isinstance(e.value, ValueError) and "\n" not in str(e.value)
+
+
+def test_fashion_mnist_split_takes_the_first_or_last_n_and_refuses_a_negative_limit():
+    from zoo.datasets import fashion_mnist_split, load_fashion_mnist
+
+    images, labels = load_fashion_mnist("train")
+    first, last = fashion_mnist_split("train", 7), fashion_mnist_split("train", 7, from_end=True)
+    assert torch.equal(first.images, images[:7]) and torch.equal(first.labels, labels[:7])
+    assert torch.equal(last.images, images[-7:]) and last.ids[0] == f"fmnist:train:{len(images) - 7}"
+    assert len(fashion_mnist_split("test")) == 10000 and len(fashion_mnist_split("test", 0)) == 0
+    with pytest.raises(ValueError, match="limit"):
+        fashion_mnist_split("test", -5)

@@ -103,7 +103,7 @@ def test_cli_eval_knn_protocol_prints_the_protocol_with_every_number_and_writes_
 
 
 def test_protocol_knn_numbers_reach_the_model_card_each_naming_its_protocol(tmp_path, caplog):
-    from export.card import protocol_knn_section
+    from export.card_sections import protocol_knn_section
     from zoo.checkpoint import read_results
 
     path = tmp_path / "results.json"

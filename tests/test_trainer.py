@@ -93,14 +93,25 @@ def test_lars_excludes_batchnorm_and_biases_from_decay_and_adaptation():
     assert all(p.ndim == 1 for p in excluded["params"]) and not excluded["lars"] and excluded["weight_decay"] == 0
 
 
+def test_the_implementations_cover_exactly_the_registry_methods():
+    from training.methods import IMPLEMENTATIONS, get_method_class
+    from zoo.registry import METHODS
+
+    assert sorted(IMPLEMENTATIONS) == sorted(METHODS)
+    for name in METHODS:
+        assert get_method_class(name).__name__ == IMPLEMENTATIONS[name][1]
+    with pytest.raises(KeyError, match="unknown method 'wmsee'.*Known: wmse"):
+        get_method_class("wmsee")
+
+
 def test_every_shipped_recipe_loads_and_names_a_known_method():
-    from training.methods import method_names
+    from zoo.registry import METHODS
 
     recipes = sorted(p for p in (ROOT / "training" / "recipes").rglob("*.yaml") if p.parent.name != "detection")
     assert recipes  # detection/: transfer recipes of training/detection.py, tested in test_detection.py
     for path in recipes:
         recipe = load_recipe(path)
-        assert recipe["method"]["name"] in method_names(), path
+        assert recipe["method"]["name"] in METHODS, path
 
 
 def test_training_run_writes_checkpoint_metrics_and_a_knn_number(tmp_path):

@@ -128,7 +128,8 @@ def test_eval_linear_without_labels_runs_the_full_label_protocol_as_before(monke
 
 
 def test_results_with_transfer_numbers_show_in_the_model_card_with_their_protocols(tmp_path):
-    from export.card import ExportFacts, build_card, transfer_section
+    from export.card import ExportFacts, build_card
+    from export.card_sections import transfer_section
     from zoo.checkpoint import TrainedCheckpoint, read_results
 
     path = merge_results(tmp_path / "results.json", [
@@ -168,7 +169,7 @@ def test_pixel_baseline_runs_the_same_label_subsets_and_refuses_image_folders():
 
 
 def test_card_transfer_table_puts_the_baselines_beside_the_model():
-    from export.card import transfer_section
+    from export.card_sections import transfer_section
     from zoo.checkpoint import Results
 
     results = Results(transfer={"linear_1pct": 70.0, "linear_10pct": 80.0},

@@ -26,13 +26,12 @@ from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 
+from training.image_ops import JITTER_IDENTITY, JITTER_OPS, crop_flip, gaussian_blur, resize, to_gray
 from training.views import Views
 
 # EquiMod's parameter groups and their lengths (docs/methods/equimod.md §3).
 PARAM_SIZES: dict[str, int] = {"crop": 5, "jitter": 10, "blur": 2, "solarize": 1}
-_GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 _CROP_TRIES = 10  # torchvision RandomResizedCrop tries 10 times before its centre-crop fallback
 
 # Column layout of the uniform draws of one view. Every view always draws all columns, whatever its
@@ -102,82 +101,6 @@ class PipelineConfig:
         return k if k % 2 else k + 1
 
 
-# ----------------------------------------------------------------------------- colour helpers
-def _gray(x: torch.Tensor) -> torch.Tensor:
-    """[N, 3, H, W] -> [N, 1, H, W] luma; a 1-channel image is its own gray."""
-    if x.shape[1] == 1:
-        return x
-    r, g, b = x.unbind(1)
-    return (_GRAY_WEIGHTS[0] * r + _GRAY_WEIGHTS[1] * g + _GRAY_WEIGHTS[2] * b).unsqueeze(1)
-
-
-def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    # torchvision's _blend on float images, factor * x + (1 - factor) * other clamped to [0, 1],
-    # as one lerp (fewer passes over the batch)
-    return torch.lerp(other.expand_as(x), x, factor.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
-
-
-def _brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return (x * f.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
-
-
-def _contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    # mean of the grayscale image = gray weights . per-channel means (no full gray image needed)
-    means = x.mean(dim=(2, 3))
-    if x.shape[1] == 3:
-        means = means @ torch.tensor(_GRAY_WEIGHTS, device=x.device, dtype=x.dtype).view(3, 1)
-    return _blend(x, means.view(-1, 1, 1, 1), f)
-
-
-def _saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return _blend(x, _gray(x), f)
-
-
-def _hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate hue by `shift` (fraction of a turn) per sample: RGB -> HSV -> RGB, batched, 3 channels."""
-    r, g, b = x.unbind(1)
-    v = torch.maximum(torch.maximum(r, g), b)
-    c = v - torch.minimum(torch.minimum(r, g), b)  # chroma
-    s = c / torch.where(v > 0, v, 1.0)
-    inv_c = 1.0 / torch.where(c > 0, c, 1.0)
-    # hue in sixths of a turn by which channel is the max (r wins ties, then g), as torchvision
-    h = torch.where(v == r, (g - b) * inv_c, torch.where(v == g, (b - r) * inv_c + 2.0, (r - g) * inv_c + 4.0))
-    h = torch.where(c > 0, h, 0.0)
-    h6 = torch.remainder(h + 6.0 * shift.view(-1, 1, 1), 6.0)  # shifted hue in [0, 6)
-    # closed-form HSV -> RGB: channel = v - v*s*clamp(min(k, 4 - k), 0, 1), k = (n + h6) mod 6, n = 5, 3, 1
-    vs = v * s
-    out = torch.empty_like(x)
-    for ch, n in enumerate((5.0, 3.0, 1.0)):
-        k = h6 + n
-        k = torch.where(k >= 6.0, k - 6.0, k)
-        torch.addcmul(v, vs, torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0), value=-1.0, out=out[:, ch])
-    return out
-
-
-_JITTER_OPS = (_brightness, _contrast, _saturation, _hue)  # fn_idx order of torchvision's ColorJitter
-_JITTER_IDENTITY = (1.0, 1.0, 1.0, 0.0)
-
-
-def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, k: int) -> torch.Tensor:
-    """Per-sample Gaussian blur: reflect padding (as torchvision), separable depthwise convolution."""
-    n, c, h, w = x.shape
-    t = torch.arange(k, device=x.device, dtype=x.dtype) - (k - 1) / 2
-    kern = torch.exp(-0.5 * (t / sigma.view(-1, 1)) ** 2)
-    kern = (kern / kern.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # [n*c, k]
-    p = k // 2
-    y = F.pad(x.reshape(1, n * c, h, w), (p, p, p, p), mode="reflect")
-    # pad once on all sides, then 1-D passes: identical to torchvision's padded 2-D kernel
-    y = F.conv2d(y, kern.view(n * c, 1, 1, k), groups=n * c)
-    y = F.conv2d(y, kern.view(n * c, 1, k, 1), groups=n * c)
-    return y.view(n, c, h, w)
-
-
-def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    if x.shape[-2:] == (size, size):
-        return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-
-
 # ----------------------------------------------------------------------------- sampling
 def _sample_crops(u: torch.Tensor, height: int, width: int, scale: tuple[float, float],
                   ratio: tuple[float, float]) -> tuple[torch.Tensor, ...]:
@@ -209,27 +132,6 @@ def _sample_crops(u: torch.Tensor, height: int, width: int, scale: tuple[float, 
     i = torch.where(found, i, torch.full_like(i, (height - fh) // 2))
     j = torch.where(found, j, torch.full_like(j, (width - fw) // 2))
     return i, j, h, w
-
-
-def _crop_flip(x: torch.Tensor, i: torch.Tensor, j: torch.Tensor, h: torch.Tensor, w: torch.Tensor,
-               flip: torch.Tensor, size: int) -> torch.Tensor:
-    """Crop box (i, j, h, w) in source pixels, resized to size x size, mirrored where flip: one
-    affine grid_sample. With align_corners=False, output pixel k samples source j + (k + 0.5) w/S - 0.5,
-    the same points as a crop followed by a bilinear resize (without antialiasing)."""
-    b, c, height, width = x.shape
-    theta = torch.zeros(b, 2, 3, dtype=torch.float64, device=i.device)
-    theta[:, 0, 0] = w / width * (1.0 - 2.0 * flip)
-    theta[:, 0, 2] = (2.0 * j + w) / width - 1.0
-    theta[:, 1, 1] = h / height
-    theta[:, 1, 2] = (2.0 * i + h) / height - 1.0
-    # crop-then-resize clamps samples to the crop's outer pixel centres (it never sees pixels outside
-    # the box); clamping the grid to those centres reproduces that exactly
-    lo = torch.stack([(2.0 * j + 1.0) / width, (2.0 * i + 1.0) / height], dim=1) - 1.0
-    hi = torch.stack([(2.0 * (j + w) - 1.0) / width, (2.0 * (i + h) - 1.0) / height], dim=1) - 1.0
-    theta, lo, hi = (t.to(device=x.device, dtype=x.dtype) for t in (theta, lo, hi))
-    grid = F.affine_grid(theta, [b, c, size, size], align_corners=False)
-    grid = torch.maximum(torch.minimum(grid, hi.view(b, 1, 1, 2)), lo.view(b, 1, 1, 2))
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 # ----------------------------------------------------------------------------- the augmenter
@@ -291,7 +193,7 @@ class BatchAugment:
             params.append(p)
         original = None
         if self.return_original:
-            original = self._normalize(_resize(x, self.pipelines[0].crop_size))
+            original = self._normalize(resize(x, self.pipelines[0].crop_size))
         return Views(views=views, params=params if self.param_groups is not None else None, original=original)
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -315,17 +217,17 @@ class BatchAugment:
                 full = torch.full_like
                 p = self._params(zeros, zeros, full(zeros, height), full(zeros, width), zeros,
                                  torch.zeros(b, dtype=torch.bool), torch.arange(4).expand(b, 4),
-                                 torch.tensor(_JITTER_IDENTITY, dtype=torch.float64).expand(b, 4),
+                                 torch.tensor(JITTER_IDENTITY, dtype=torch.float64).expand(b, 4),
                                  torch.zeros(b, dtype=torch.bool), torch.zeros(b, dtype=torch.bool), zeros,
                                  torch.zeros(b, dtype=torch.bool), dev)
-            return _resize(x, cfg.crop_size), p
+            return resize(x, cfg.crop_size), p
 
         # All draws on the generator's device (the trainer's is a CPU generator), so masks and index
         # lists are built there: a GPU batch never waits on a device-to-host copy.
         u = torch.rand(b, _N_DRAWS, generator=generator, device=generator.device).cpu()
         i, j, h, w = _sample_crops(u, height, width, cfg.crop_scale, cfg.crop_ratio)
         flip = u[:, _FLIP] < cfg.flip_p
-        out = _crop_flip(x, i, j, h, w, flip.double(), cfg.crop_size)
+        out = crop_flip(x, i, j, h, w, flip.double(), cfg.crop_size)
 
         # colour jitter: per-sample op order (argsort of uniforms = a uniform random permutation)
         jit = u[:, _JIT_APPLY] < cfg.jitter_p
@@ -347,19 +249,19 @@ class BatchAugment:
                     if idx.numel() == 0:
                         continue
                     idx = idx.to(dev)
-                    out[idx] = _JITTER_OPS[op](out[idx], f_dev[idx, op])
+                    out[idx] = JITTER_OPS[op](out[idx], f_dev[idx, op])
 
         gray = u[:, _GRAY] < cfg.gray_p
         if c == 3 and bool(gray.any()):
             idx = gray.nonzero().squeeze(1).to(dev)
-            out[idx] = _gray(out[idx]).expand(-1, 3, -1, -1)
+            out[idx] = to_gray(out[idx]).expand(-1, 3, -1, -1)
 
         blur = u[:, _BLUR_APPLY] < cfg.blur_p
         sigma = cfg.blur_sigma[0] + (cfg.blur_sigma[1] - cfg.blur_sigma[0]) * u[:, _SIGMA].double()
         if bool(blur.any()):
             sel = blur.nonzero().squeeze(1)
             idx = sel.to(dev)
-            out[idx] = _gaussian_blur(out[idx], sigma[sel].to(dev, torch.float32), cfg.kernel_size)
+            out[idx] = gaussian_blur(out[idx], sigma[sel].to(dev, torch.float32), cfg.kernel_size)
 
         solar = u[:, _SOLARIZE] < cfg.solarize_p
         if bool(solar.any()):
@@ -380,7 +282,7 @@ class BatchAugment:
         not applied); blur [applied, sigma (0 when not applied)]; solarize [applied]."""
         jf = jit.double().unsqueeze(1)
         order = torch.where(jit.unsqueeze(1), order, torch.arange(4).expand_as(order)).double()
-        ident = torch.tensor(_JITTER_IDENTITY, dtype=torch.float64)
+        ident = torch.tensor(JITTER_IDENTITY, dtype=torch.float64)
         factors = jf * factors + (1.0 - jf) * ident
         groups = {
             "crop": torch.stack([i, j, h, w, flip], dim=1),

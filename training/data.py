@@ -16,8 +16,8 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from zoo.datasets import DatasetNotFoundError, load_fashion_mnist
-from zoo.registry import DATASET_TAGS
+from zoo.datasets import DatasetNotFoundError, fashion_mnist_split
+from zoo.registry import TRAINER_DATASETS
 
 # One list of image extensions for embedding and training: a folder trains on what `zoo embed` reads.
 from zoo.images import IMAGE_EXTENSIONS
@@ -135,8 +135,8 @@ def build_dataset(cfg: dict, split: str = "train") -> Dataset:
     """The recipe's `data:` section -> a Dataset. split: 'train' (SSL), 'labelled' (k-NN bank), 'test'."""
     name, root = cfg["dataset"], cfg.get("root")
     if name == "fashion_mnist":
-        images, labels = load_fashion_mnist("test" if split == "test" else "train", root)
-        return TensorImages(images, labels)
+        fmnist = fashion_mnist_split("test" if split == "test" else "train", root=root)
+        return TensorImages(fmnist.images, fmnist.labels)
     if name == "synthetic":
         n = int(cfg.get("size", 512)) if split != "test" else int(cfg.get("test_size", 256))
         return synthetic_images(n, seed=0 if split != "test" else 1)
@@ -153,7 +153,7 @@ def build_dataset(cfg: dict, split: str = "train") -> Dataset:
             classes = CMC_IMAGENET100_CLASSES
         return ImageFolderImages(Path(root) / sub, size=int(cfg.get("load_size", 64 if name == "tiny_imagenet" else 256)),
                                  classes=classes)
-    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASET_TAGS)}")
+    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(TRAINER_DATASETS)}")
 
 
 @dataclass

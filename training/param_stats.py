@@ -17,13 +17,13 @@ import torch
 from training.augment import build_augment
 from training.data import build_dataset
 from training.recipe import load_recipe
-from zoo.registry import DATASET_TAGS, dataset_normalization
+from zoo.registry import get_dataset
 
 
 def measure_param_stats(recipe: dict, n_images: int = 20000, seed: int = 0) -> tuple[list[float], list[float]]:
     data = recipe["data"]
-    tag = DATASET_TAGS[data["dataset"]]
-    augment = build_augment(recipe["augment"], *dataset_normalization(tag))
+    row = get_dataset(data["dataset"])
+    augment = build_augment(recipe["augment"], row.mean, row.std)
     if augment.param_groups is None:
         raise ValueError("the recipe's augment section has no `params:` groups; nothing to measure")
     dataset = build_dataset(data, "train")

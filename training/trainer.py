@@ -33,7 +33,8 @@ from zoo.fsutil import atomic_write_text
 from zoo.knn import knn_accuracy
 from zoo.preprocess import Preprocess
 from zoo.provenance import config_hash
-from zoo.registry import DATASET_TAGS, dataset_normalization
+from zoo.registry import get_dataset
+from zoo.runners import run_chunks
 
 log = logging.getLogger("training")
 
@@ -99,8 +100,8 @@ class Trainer:
 
         data_cfg = recipe["data"]
         self.dataset = build_dataset(data_cfg, "train")
-        tag = DATASET_TAGS[data_cfg["dataset"]]
-        self.mean, self.std = dataset_normalization(tag)
+        row = get_dataset(data_cfg["dataset"])
+        self.mean, self.std = row.mean, row.std
         self.plan = BatchPlan(len(self.dataset), int(data_cfg["batch_size"]), self.seed, self.rank, self.world)
         self.epochs = int(tcfg["epochs"])
         self.total_steps = self.epochs * self.plan.batches_per_epoch
@@ -264,11 +265,10 @@ class Trainer:
         backbone.eval()
 
         def embed(x: torch.Tensor) -> torch.Tensor:
-            feats = []
-            for chunk in x.split(512):
-                with self._autocast():
-                    feats.append(backbone(preprocess(chunk).to(self.device)).float())
-            return torch.cat(feats)
+            # The bare loop, not zoo.embed.embed: the training backbone (no spec, so no runner or frozen graph;
+            # a runner would also convert it to channels_last in place) in the recipe's autocast, on its device.
+            with self._autocast():
+                return run_chunks(lambda batch: backbone(batch.to(self.device)), preprocess, x, 512)
 
         acc = knn_accuracy(embed(bank_x), bank_y, embed(test_x), test_y, k=int(ecfg.get("knn_k", 20)),
                            temperature=float(ecfg.get("knn_t", 0.07)))

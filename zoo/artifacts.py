@@ -106,16 +106,14 @@ def domain_images(model: torch.nn.Module, split: str, n: int, from_end: bool = F
     Fashion-MNIST for every model: the training domain of fmnist models, a stand-in (said in the
     description) for the others, whose datasets are not on the machine.
     """
-    from zoo.datasets import load_fashion_mnist
+    from zoo.datasets import fashion_mnist_split
 
-    images, labels = load_fashion_mnist(split)
-    n = min(n, len(images))
-    sl = slice(len(images) - n, None) if from_end else slice(0, n)
+    data = fashion_mnist_split(split, n, from_end=from_end)
     spec = model_spec(model)
-    what = f"Fashion-MNIST {split}"
+    what = data.name
     if spec.tag != "fmnist":
         what += f" (stand-in: no {spec.dataset} images on this machine)"
-    return images[sl], labels[sl], what
+    return data.images, data.labels, what
 
 
 # ------------------------------------------------------------------------------------------ ONNX files

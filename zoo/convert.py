@@ -193,15 +193,6 @@ def _probe_input(arch: str, spec: Any) -> torch.Tensor:
     return torch.randn(PROBE_BATCH, 3, size, size, generator=torch.Generator().manual_seed(PROBE_SEED))
 
 
-def _recipe_dataset(tag: str) -> str:
-    """The trainer's dataset name of a registry tag (the inverse of zoo.registry.DATASET_TAGS)."""
-    from zoo.registry import DATASET_TAGS
-
-    names = [d for d, t in DATASET_TAGS.items() if t == tag and d != "synthetic"]
-    if not names:
-        raise ConversionError(f"no trainer dataset has tag {tag!r}; `zoo export` cannot check this name")
-    return names[0]
-
 
 def convert(checkpoint: str | os.PathLike, fmt: str, arch: str | None = None, out: str | os.PathLike | None = None,
             *, name: str | None = None, drop: Sequence[str] = (), force: bool = False,
@@ -220,7 +211,7 @@ def convert(checkpoint: str | os.PathLike, fmt: str, arch: str | None = None, ou
     from zoo.backbones import create_backbone, get_arch
     from zoo.hub import sha256_file
     from zoo.load import load_state_dict_file, load_weights_into
-    from zoo.registry import get_spec, registry
+    from zoo.registry import get_dataset, get_spec, registry
     from zoo.safetensors_io import save_backbone
 
     form = get_format(fmt)
@@ -278,7 +269,7 @@ def convert(checkpoint: str | os.PathLike, fmt: str, arch: str | None = None, ou
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         if spec is not None:
             recipe = {"method": {"name": spec.method}, "model": {"arch": arch},
-                      "data": {"dataset": _recipe_dataset(spec.tag)}, "converted_from": provenance}
+                      "data": {"dataset": get_dataset(spec.tag).trainer}, "converted_from": provenance}
             save_checkpoint(backbone_checkpoint(model.state_dict(), recipe), tmp / CHECKPOINT_FILE)
 
         # The written file, loaded back as users will: strict keys, identical features.

@@ -61,3 +61,39 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = No
     if images.shape[0] != labels.shape[0]:
         raise ZooError(f"{images_file} has {images.shape[0]} images but {labels_file} {labels.shape[0]} labels")
     return images, labels
+
+
+class FashionMNISTSplit(torch.utils.data.Dataset):
+    """A labelled Fashion-MNIST split (or its first / last N images): uint8 `images [N, 28, 28]`, `labels [N]`.
+
+    As a torch Dataset it yields `(image [1, 28, 28], label)`, and names its items `fmnist:<split>:<index>`
+    (the index in the whole split), which `zoo.embed` takes as ids.
+    """
+
+    classes = FASHION_MNIST_CLASSES
+
+    def __init__(self, split: str, images: torch.Tensor, labels: torch.Tensor, start: int = 0):
+        self.split, self.images, self.labels, self.start = split, images, labels, start
+        self.name = f"Fashion-MNIST {split}"
+        self.ids = [f"fmnist:{split}:{start + i}" for i in range(len(images))]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i][None], int(self.labels[i])
+
+
+def fashion_mnist_split(split: str = "train", limit: int | None = None, from_end: bool = False,
+                        root: str | os.PathLike | None = None) -> FashionMNISTSplit:
+    """The `train` (60k) or `test` (10k) split, or its first `limit` images (its last with `from_end`).
+
+    The one place every user of Fashion-MNIST (evaluation, transfer, precision checks, `zoo embed
+    fmnist:test:N`, training) takes a split from, so a limit means the same images everywhere.
+    """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be a number of images >= 0 (or None for the whole split), got {limit!r}")
+    images, labels = load_fashion_mnist(split, root)
+    n = len(images) if limit is None else min(limit, len(images))
+    start = len(images) - n if from_end else 0
+    return FashionMNISTSplit(split, images[start:start + n], labels[start:start + n], start)

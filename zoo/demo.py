@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from zoo.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
+from zoo.datasets import FASHION_MNIST_CLASSES, fashion_mnist_split
 from zoo.load import load
 from zoo.registry import list_models, registry
 
@@ -38,9 +38,8 @@ def run_demo(model_name: str | None = None, n_database: int = 10000, n_queries: 
     else:
         model = load(name)
     print(f"model: {model.spec.name} ({model.spec.arch}, {model.spec.feature_dim}-d features)")
-    train_x, train_y = load_fashion_mnist("train")
-    test_x, test_y = load_fashion_mnist("test")
-    db_x, db_y = train_x[:n_database], train_y[:n_database]
+    database, test = fashion_mnist_split("train", n_database), fashion_mnist_split("test")
+    db_x, db_y, test_x, test_y = database.images, database.labels, test.images, test.labels
     t0 = time.time()
     db = embed(model, db_x, progress=progress)
     queries = embed(model, test_x, progress=progress)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from zoo.embed import embed
 from zoo.knn import MAJORITY_KNN, WEIGHTED_KNN, get_knn_protocol, protocol_knn_accuracies
+from zoo.registry import get_dataset
 
 LINEAR_ITERATIONS = 100
 LINEAR_WEIGHT_DECAY = 5e-4
@@ -112,12 +113,12 @@ def evaluate_features(train_f: Any, train_y: Any, test_f: Any, test_y: Any, prog
     return out
 
 
-def _fmnist(limit_train: int | None, limit_test: int | None):
-    from zoo.datasets import load_fashion_mnist
+def _fmnist(limit_train: int | None, limit_test: int | None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from zoo.datasets import fashion_mnist_split
 
-    train_x, train_y = load_fashion_mnist("train")
-    test_x, test_y = load_fashion_mnist("test")
-    return train_x[:limit_train], train_y[:limit_train], test_x[:limit_test], test_y[:limit_test]
+    train, test = fashion_mnist_split("train", limit_train), fashion_mnist_split("test", limit_test)
+    return train.images, train.labels, test.images, test.labels
 
 
 def evaluate_model(model: torch.nn.Module, dataset: str = "fmnist", backend: str = "torch", precision: str = "fp32",
@@ -128,7 +129,7 @@ def evaluate_model(model: torch.nn.Module, dataset: str = "fmnist", backend: str
 
     `limit_train` / `limit_test` take the first N images of each split (for quick checks).
     """
-    if dataset not in ("fmnist", "fashion_mnist", "fashion-mnist"):
+    if get_dataset(dataset).tag != "fmnist":
         raise ValueError(f"dataset must be 'fmnist' (the dataset on every machine), got {dataset!r}")
     train_x, train_y, test_x, test_y = _fmnist(limit_train, limit_test)
     kw = dict(batch_size=batch_size, backend=backend, precision=precision, normalize=False, progress=progress)

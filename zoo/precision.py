@@ -23,7 +23,7 @@ from zoo.artifacts import (INT8_RECIPE, domain_images, model_cache_dir, model_sp
 from zoo.errors import ZooError
 from zoo.fsutil import atomic_save_npy, atomic_write_json
 from zoo.knn import knn_accuracy, knn_search
-from zoo.runners import default_batch_size, make_runner
+from zoo.runners import default_batch_size, make_runner, run_chunks
 
 KNN_TOLERANCE = 0.5  # points of weighted k-NN top-1, either way
 MIN_RECALL_AT_10 = 0.9
@@ -37,8 +37,7 @@ class PrecisionRejectedError(ZooError, ValueError):
 
 def _features(runner: Callable, model: torch.nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
     # Features straight from a runner, unnormalised: the check compares precisions, not preprocessing paths.
-    out = [runner(model.preprocess(chunk[:, None])) for chunk in images.split(batch_size)]
-    return torch.cat(out).float()
+    return run_chunks(runner, lambda chunk: model.preprocess(chunk[:, None]), images, batch_size)
 
 
 # ------------------------------------------------------------------------------------------ checks

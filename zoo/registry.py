@@ -23,57 +23,119 @@ log = logging.getLogger("zoo")
 PRETRAINED_JSON = Path(__file__).with_name("pretrained.json")
 HUB_ORG = "ssl-zoo"
 
-# Default-tag preference order, as the papers report them (ImageNet first).
-TAG_ORDER = ["in1k", "in100", "c10", "c100", "stl10", "tin", "fmnist"]
+# ------------------------------------------------------------------------------------------ methods
+@dataclass(frozen=True)
+class MethodRow:
+    """One self-supervised method: its name (recipes' `method.name`, model names' prefix), display name, paper.
 
-# Evaluation preprocessing per pretraining dataset: (input size, resize size, mean, std, interpolation).
-_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-_DATA: dict[str, dict[str, Any]] = {
-    "in1k": dict(dataset="imagenet-1k", input_size=224, resize_size=256, mean=_IMAGENET[0], std=_IMAGENET[1],
-                 interpolation="bicubic"),
-    "in100": dict(dataset="imagenet-100", input_size=224, resize_size=256, mean=_IMAGENET[0], std=_IMAGENET[1],
-                  interpolation="bicubic"),
-    "c10": dict(dataset="cifar10", input_size=32, resize_size=32, mean=(0.4914, 0.4822, 0.4465),
-                std=(0.247, 0.243, 0.261), interpolation="bicubic"),
-    "c100": dict(dataset="cifar100", input_size=32, resize_size=32, mean=(0.5071, 0.4867, 0.4408),
-                 std=(0.2675, 0.2565, 0.2761), interpolation="bicubic"),
-    "stl10": dict(dataset="stl10", input_size=64, resize_size=70, mean=(0.43, 0.42, 0.39), std=(0.27, 0.26, 0.27),
-                  interpolation="bicubic"),
-    "tin": dict(dataset="tiny-imagenet", input_size=64, resize_size=64, mean=(0.480, 0.448, 0.398),
-                std=(0.277, 0.269, 0.282), interpolation="bicubic"),
-    # Fashion-MNIST: grayscale repeated to 3 channels, so the one mean/std is repeated too.
-    "fmnist": dict(dataset="fashion_mnist", input_size=28, resize_size=28, mean=(0.2860,) * 3,
-                   std=(0.3530,) * 3, interpolation="bilinear"),
-}
+    `training.methods` maps each name to the class that implements it; its test checks the two agree.
+    """
 
-# Trainer dataset name (recipes' data.dataset) -> registry tag: training normalises and names models by it,
-# `zoo convert` / `zoo export` check a name's tag against it. Here, below both, so each reads one table.
-DATASET_TAGS = {"fashion_mnist": "fmnist", "cifar10": "c10", "cifar100": "c100", "stl10": "stl10",
-                "tiny_imagenet": "tin", "imagenet100": "in100", "imagenet": "in1k", "synthetic": "fmnist"}
+    name: str
+    display: str
+    paper: str
 
 
-def dataset_normalization(tag: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) of a pretraining dataset's images, by registry tag (`fmnist`, `c10`, ...)."""
-    return tuple(_DATA[tag]["mean"]), tuple(_DATA[tag]["std"])
+_EQUIMOD = ("Devillers & Lefort, EquiMod: An Equivariance Module to Improve Visual Instance Discrimination, "
+            "ICLR 2023 (arXiv:2211.01244)")
+METHOD_ROWS: tuple[MethodRow, ...] = (
+    MethodRow("wmse", "W-MSE", "Ermolov et al., Whitening for Self-Supervised Representation Learning, ICML 2021 "
+                               "(arXiv:2007.06346)"),
+    MethodRow("msbreg", "MSBReg", "Moon et al., An Embedding-Dynamic Approach to Self-supervised Learning, 2022 "
+                                  "(arXiv:2207.03552); no code or formulas were published: ssl-zoo's MSBReg is a "
+                                  "documented reconstruction"),
+    MethodRow("equimod-simclr", "EquiMod (SimCLR)", f"{_EQUIMOD}, on SimCLR"),
+    MethodRow("equimod-byol", "EquiMod (BYOL)", f"{_EQUIMOD}, on BYOL"),
+    MethodRow("isd", "ISD", "Tejankar et al., ISD: Self-Supervised Learning by Iterative Similarity Distillation, "
+                            "ICCV 2021 (arXiv:2012.09259)"),
+    MethodRow("groco", "GroCo", "Shvetsova et al., Learning by Sorting: Self-supervised Learning with Group Ordering "
+                                "Constraints, ICCV 2023 (arXiv:2301.02009)"),
+    MethodRow("simclr", "SimCLR", "Chen et al., A Simple Framework for Contrastive Learning of Visual "
+                                  "Representations, ICML 2020 (arXiv:2002.05709)"),
+    MethodRow("byol", "BYOL", "Grill et al., Bootstrap Your Own Latent, NeurIPS 2020 (arXiv:2006.07733)"),
+)
+METHODS = [m.name for m in METHOD_ROWS]
+_METHOD_BY_NAME = {m.name: m for m in METHOD_ROWS}
 
 
-PAPERS = {
-    "wmse": "Ermolov et al., Whitening for Self-Supervised Representation Learning, ICML 2021 (arXiv:2007.06346)",
-    "msbreg": "Moon et al., An Embedding-Dynamic Approach to Self-supervised Learning, 2022 (arXiv:2207.03552); "
-              "no code or formulas were published: ssl-zoo's MSBReg is a documented reconstruction",
-    "equimod-simclr": "Devillers & Lefort, EquiMod: An Equivariance Module to Improve Visual Instance "
-                      "Discrimination, ICLR 2023 (arXiv:2211.01244), on SimCLR",
-    "equimod-byol": "Devillers & Lefort, EquiMod: An Equivariance Module to Improve Visual Instance "
-                    "Discrimination, ICLR 2023 (arXiv:2211.01244), on BYOL",
-    "isd": "Tejankar et al., ISD: Self-Supervised Learning by Iterative Similarity Distillation, ICCV 2021 "
-           "(arXiv:2012.09259)",
-    "groco": "Shvetsova et al., Learning by Sorting: Self-supervised Learning with Group Ordering Constraints, "
-             "ICCV 2023 (arXiv:2301.02009)",
-    "simclr": "Chen et al., A Simple Framework for Contrastive Learning of Visual Representations, ICML 2020 "
-              "(arXiv:2002.05709)",
-    "byol": "Grill et al., Bootstrap Your Own Latent, NeurIPS 2020 (arXiv:2006.07733)",
-}
-METHODS = list(PAPERS)
+def get_method(name: str) -> MethodRow:
+    """The row of a method name (`wmse`, `equimod-byol`, ...); unknown: a one-line error listing the known ones."""
+    if name not in _METHOD_BY_NAME:
+        raise UnknownNameError(f"unknown method {name!r}; did you mean {closest(name, METHODS)}? "
+                               f"Known: {', '.join(METHODS)}")
+    return _METHOD_BY_NAME[name]
+
+
+# ------------------------------------------------------------------------------------------ datasets
+class UnknownDatasetError(UnknownNameError, ValueError):
+    """A dataset name no row knows (a KeyError to lookups, a ValueError to argument checks)."""
+
+
+@dataclass(frozen=True)
+class DatasetRow:
+    """One pretraining dataset: every name it goes by, what the card shows, and its evaluation preprocessing."""
+
+    tag: str  # model names' suffix: wmse-resnet18_narrow.<tag>
+    dataset: str  # ModelSpec.dataset (config.json)
+    trainer: str  # recipes' data.dataset (training.data)
+    display: str
+    num_classes: int
+    hub_id: str  # the Hub dataset id of the card's `datasets` metadata
+    eval_split: str
+    input_size: int
+    resize_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bicubic"
+    aliases: tuple[str, ...] = ()
+    # Trainer datasets that borrow this row's tag and normalisation without being its images (test data):
+    # a model trained on them exports under this tag, and its card says what it was trained on.
+    stand_ins: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((self.tag, self.dataset, self.trainer, *self.aliases, *self.stand_ins)))
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The ModelSpec fields this dataset fixes."""
+        return dict(dataset=self.dataset, input_size=self.input_size, resize_size=self.resize_size,
+                    mean=self.mean, std=self.std, interpolation=self.interpolation)
+
+
+_IMAGENET = dict(input_size=224, resize_size=256, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+# In default-tag preference order, as the papers report them (ImageNet first).
+DATASET_ROWS: tuple[DatasetRow, ...] = (
+    DatasetRow("in1k", "imagenet-1k", "imagenet", "ImageNet-1k", 1000, "ILSVRC/imagenet-1k", "validation",
+               **_IMAGENET),
+    DatasetRow("in100", "imagenet-100", "imagenet100", "ImageNet-100", 100, "imagenet-100", "validation", **_IMAGENET),
+    DatasetRow("c10", "cifar10", "cifar10", "CIFAR-10", 10, "uoft-cs/cifar10", "test", 32, 32,
+               (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)),
+    DatasetRow("c100", "cifar100", "cifar100", "CIFAR-100", 100, "uoft-cs/cifar100", "test", 32, 32,
+               (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+    DatasetRow("stl10", "stl10", "stl10", "STL-10", 10, "stl10", "test", 64, 70, (0.43, 0.42, 0.39),
+               (0.27, 0.26, 0.27)),
+    DatasetRow("tin", "tiny-imagenet", "tiny_imagenet", "Tiny ImageNet", 200, "zh-plus/tiny-imagenet", "validation",
+               64, 64, (0.480, 0.448, 0.398), (0.277, 0.269, 0.282)),
+    # Grayscale repeated to 3 channels, so the one mean/std is repeated too.
+    DatasetRow("fmnist", "fashion_mnist", "fashion_mnist", "Fashion-MNIST", 10, "zalando-datasets/fashion_mnist",
+               "test", 28, 28, (0.2860,) * 3, (0.3530,) * 3, "bilinear", aliases=("fashion-mnist",),
+               stand_ins=("synthetic",)),
+)
+TAG_ORDER = [d.tag for d in DATASET_ROWS]
+# What recipes' data.dataset may say (training.data builds each).
+TRAINER_DATASETS = [n for d in DATASET_ROWS for n in (d.trainer, *d.stand_ins)]
+_DATASET_BY_NAME = {n: d for d in DATASET_ROWS for n in d.names}
+
+
+def get_dataset(name: str) -> DatasetRow:
+    """The row of any name a dataset goes by: tag (`fmnist`), trainer name (`fashion_mnist`), alias
+    (`fashion-mnist`), config.json name (`imagenet-1k`); unknown: a one-line error listing the known ones."""
+    if name not in _DATASET_BY_NAME:
+        known = [f"{d.display} ({', '.join(n for n in d.names if n not in d.stand_ins)})" for d in DATASET_ROWS]
+        known += [f"{s} (generated test images, {d.tag} normalisation)" for d in DATASET_ROWS for s in d.stand_ins]
+        raise UnknownDatasetError(f"unknown dataset {name!r}; known: {'; '.join(known)}")
+    return _DATASET_BY_NAME[name]
+
 
 # (method, arch, tag) for every model of the mission, on the archs and datasets its paper used,
 # plus the CPU arch on Fashion-MNIST for all of them (the weights made on these machines).
@@ -138,11 +200,11 @@ class ModelSpec:
 def make_spec(method: str, arch: str, tag: str, **overrides: Any) -> ModelSpec:
     """A registry row built from its three coordinates."""
     name = f"{method}-{arch}.{tag}"
-    data = dict(_DATA[tag])
+    data = get_dataset(tag).preprocessing()
     row = dict(
         name=name, method=method, arch=arch, tag=tag, feature_dim=ARCHS[arch].feature_dim,
         recipe=f"training/recipes/{method}/{tag}{'' if arch == _default_arch(method, tag) else '-' + arch}.yaml",
-        paper=PAPERS[method], hub_repo=f"{HUB_ORG}/{name}", **data,
+        paper=get_method(method).paper, hub_repo=f"{HUB_ORG}/{name}", **data,
     )
     row.update(overrides)
     return ModelSpec.from_dict(row)

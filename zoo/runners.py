@@ -93,6 +93,19 @@ class OrtRunner:
         return torch.from_numpy(out).float()
 
 
+def run_chunks(run: Callable[[torch.Tensor], torch.Tensor], preprocess: Callable[[torch.Tensor], torch.Tensor],
+               images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Unnormalised float32 features of an in-memory uint8 image tensor, `batch_size` images per call of `run`.
+
+    `zoo.embed.embed` is the loop for users (any input, unreadable files, workers, ids). This is the bare
+    loop for callers that must run their own forward on images already in memory: the precision checks
+    (fp32 vs a low-precision runner) and the trainer's k-NN monitor (the training backbone, in the
+    recipe's autocast, on its device; the recipes' monitor curves were measured with exactly this).
+    Features stay where `run` put them.
+    """
+    return torch.cat([run(preprocess(chunk)).float() for chunk in images.split(batch_size)])
+
+
 def check_backend(backend: str, precision: str) -> None:
     """Refuse an unknown backend / precision, or a pair that cannot run, with the fix in one line."""
     if backend not in BACKENDS:

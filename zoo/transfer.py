@@ -110,6 +110,11 @@ class LabelledSplit:
     def __len__(self) -> int:
         return int(self.labels.numel())
 
+    @classmethod
+    def of(cls, data: Any) -> "LabelledSplit":
+        """An in-memory labelled split (`zoo.datasets.fashion_mnist_split`: name, images, labels, classes)."""
+        return cls(data.name, data.labels, data.images, classes=data.classes)
+
     def take(self, indices: torch.Tensor) -> "LabelledSplit":
         idx = torch.as_tensor(indices, dtype=torch.int64)
         return LabelledSplit(self.name, self.labels[idx], None if self.images is None else self.images[idx],
@@ -128,16 +133,6 @@ class _PathDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         return self.paths[i], self.labels[i]
-
-
-def fmnist_splits(limit_train: int | None = None, limit_test: int | None = None) -> tuple[LabelledSplit, LabelledSplit]:
-    from zoo.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
-
-    train_x, train_y = load_fashion_mnist("train")
-    test_x, test_y = load_fashion_mnist("test")
-    return (LabelledSplit("Fashion-MNIST train", train_y[:limit_train], train_x[:limit_train],
-                          classes=FASHION_MNIST_CLASSES),
-            LabelledSplit("Fashion-MNIST test", test_y[:limit_test], test_x[:limit_test], classes=FASHION_MNIST_CLASSES))
 
 
 def image_folder(root: str | os.PathLike, classes: list[str] | None = None, name: str | None = None) -> LabelledSplit:

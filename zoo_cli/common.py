@@ -15,30 +15,21 @@ import torch  # already imported by `zoo` itself; everything heavier is imported
 from zoo.checkpoint import CHECKPOINT_FILE
 
 
-class FashionMNISTSplit(torch.utils.data.Dataset):
-    """A torch Dataset of Fashion-MNIST images + labels, items named `fmnist:<split>:<i>`."""
-
-    def __init__(self, split: str, limit: int | None = None):
-        from zoo.datasets import load_fashion_mnist
-
-        self.split = split
-        self.images, self.labels = load_fashion_mnist(split)
-        if limit is not None:
-            self.images, self.labels = self.images[:limit], self.labels[:limit]
-        self.ids = [f"fmnist:{split}:{i}" for i in range(len(self.images))]
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.images[i][None], int(self.labels[i])
+FMNIST_SYNTAX = "fmnist:train, fmnist:test or fmnist:<train|test>:N (the first N images, N >= 0)"
 
 
-def _parse_fmnist(spec: str) -> FashionMNISTSplit | None:
+def _parse_fmnist(spec: str) -> Any:
+    """`fmnist:<split>[:N]` -> that `zoo.datasets.FashionMNISTSplit`; None for anything not starting `fmnist:`."""
+    from zoo.datasets import fashion_mnist_split
+    from zoo.errors import EmbedError
+
     parts = spec.split(":")
-    if parts[0] != "fmnist" or len(parts) not in (2, 3) or parts[1] not in ("train", "test"):
+    if parts[0] != "fmnist" or len(parts) < 2:
         return None
-    return FashionMNISTSplit(parts[1], int(parts[2]) if len(parts) == 3 else None)
+    # A malformed one (fmnist:val, fmnist:test:-5) is an error, not a path that does not exist.
+    if len(parts) > 3 or parts[1] not in ("train", "test") or (len(parts) == 3 and not parts[2].isdigit()):
+        raise EmbedError(f"cannot read input {spec!r}: write {FMNIST_SYNTAX}")
+    return fashion_mnist_split(parts[1], int(parts[2]) if len(parts) == 3 else None)
 
 
 def resolve_inputs(items: Sequence[str]) -> Any:

@@ -17,9 +17,11 @@ from typing import Any
 
 import torch
 
+from zoo.datasets import fashion_mnist_split
+from zoo.registry import get_dataset
 from zoo.transfer import (FINETUNE_BATCH, FINETUNE_EPOCHS, LABEL_SEED, LabelledSplit, TransferError, finetune_transfer,
-                          fmnist_splits, image_folder, linear_transfer, merge_results, parse_labels,
-                          pixel_linear_transfer, protocol_text)
+                          image_folder, linear_transfer, merge_results, parse_labels, pixel_linear_transfer,
+                          protocol_text)
 from zoo_cli.common import add_model_args, is_training_run, load_model, model_info
 
 PIXELS_NAME = "raw pixels (standardised 784-d)"  # `zoo eval ... pixels`: the baseline without a network
@@ -36,7 +38,7 @@ def _cmd_eval(args: argparse.Namespace, protocols: tuple[str, ...]) -> int:
     from zoo.knn import knn_protocol_labels
 
     knn_protocol = getattr(args, "protocol", None)  # `eval knn --protocol NAME`: that project's k-NN instead
-    if args.dataset not in ("fmnist", "fashion_mnist"):
+    if get_dataset(args.dataset).tag != "fmnist":
         raise ValueError(f"--dataset must be fmnist (the dataset on every machine), got {args.dataset!r}")
     if args.model == "pixels":
         name = PIXELS_NAME
@@ -121,9 +123,10 @@ def _splits(args: argparse.Namespace) -> tuple[LabelledSplit, LabelledSplit, str
         if args.limit_test:
             test = test.take(torch.arange(min(args.limit_test, len(test))))
         return train, test, f"ImageFolder {args.train} (train) / {args.val} (val), {len(train.classes)} classes"
-    if args.dataset not in ("fmnist", "fashion_mnist"):
+    if get_dataset(args.dataset).tag != "fmnist":
         raise TransferError(f"--dataset must be fmnist, or pass --train DIR --val DIR; got {args.dataset!r}")
-    train, test = fmnist_splits(args.limit_train, args.limit_test)
+    train = LabelledSplit.of(fashion_mnist_split("train", args.limit_train))
+    test = LabelledSplit.of(fashion_mnist_split("test", args.limit_test))
     return train, test, f"Fashion-MNIST (train {len(train)}, test {len(test)})"
 
 

@@ -1,13 +1,18 @@
-"""Method lookup by recipe name. Adding a method = one file here + one line in `_METHODS`."""
+"""Which file and class implement each method of the registry (`zoo.registry.METHOD_ROWS`).
+
+Adding a method = its row in the registry (name, display name, paper) + one file here + one line in
+`IMPLEMENTATIONS`; `tests/test_trainer.py` checks the two name the same methods.
+"""
 
 from __future__ import annotations
 
 import importlib
 
 from training.methods.base import SSLMethod
+from zoo.registry import get_method
 
-# recipe name -> (module in training.methods, class name)
-_METHODS: dict[str, tuple[str, str]] = {
+# registry method name -> (module in training.methods, class name)
+IMPLEMENTATIONS: dict[str, tuple[str, str]] = {
     "wmse": ("wmse", "WMSE"),
     "isd": ("isd", "ISD"),
     "simclr": ("simclr", "SimCLR"),
@@ -19,15 +24,8 @@ _METHODS: dict[str, tuple[str, str]] = {
 }
 
 
-def method_names() -> list[str]:
-    return list(_METHODS)
-
-
 def get_method_class(name: str) -> type[SSLMethod]:
-    if name not in _METHODS:
-        from zoo.errors import UnknownNameError, closest
-
-        raise UnknownNameError(f"unknown method {name!r}; did you mean {closest(name, _METHODS)}? "
-                               f"Known: {', '.join(_METHODS)}")
-    module, cls = _METHODS[name]
+    """The class implementing a registry method; an unknown name raises the registry's one-line error."""
+    get_method(name)
+    module, cls = IMPLEMENTATIONS[name]
     return getattr(importlib.import_module(f"training.methods.{module}"), cls)

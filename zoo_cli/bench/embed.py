@@ -17,7 +17,7 @@ def _bench_model(name: str, batch_size: int, batches: int, check: bool, image_si
     from dataclasses import replace
 
     import zoo
-    from zoo.datasets import load_fashion_mnist
+    from zoo.datasets import fashion_mnist_split
     from zoo.runners import OrtRunner, TorchRunner
     from zoo.preprocess import Preprocess
 
@@ -29,8 +29,7 @@ def _bench_model(name: str, batch_size: int, batches: int, check: bool, image_si
         model.spec = replace(model.spec, input_size=image_size, resize_size=image_size)
         model.preprocess = Preprocess.from_spec(model.spec)
     size = model.spec.input_size
-    images, _ = load_fashion_mnist("test")
-    x = model.preprocess(images[:batch_size, None]).contiguous()
+    x = model.preprocess(fashion_mnist_split("test", batch_size).images[:, None]).contiguous()
     flops = model_flops(model, size)
     limit = peak / flops
     say(f"\n{model.spec.name} ({model.spec.arch}, {'trained' if pretrained else 'untrained'} weights), "

@@ -16,8 +16,7 @@ import torch
 from training.data import iterate_batches
 from training.recipe import load_recipe
 from training.trainer import Trainer
-
-BENCH_METHODS = ["wmse", "isd", "simclr", "byol", "equimod-simclr", "equimod-byol", "groco", "msbreg"]
+from zoo.registry import METHODS
 
 
 def _lightly_losses() -> dict[str, tuple[str, str, Callable[[Any], Callable]]]:
@@ -93,7 +92,7 @@ def bench_train(methods: list[str] | None = None, steps: int = 6, batch_size: in
     """One row per method; `bf16=True` adds `bf16_channels_last_speedup`: the recipe's step time over
     the same step under bf16 autocast with channels-last tensors (fp32 - bf16 - fp32 on the same batches)."""
     rows = []
-    for method in methods or BENCH_METHODS:
+    for method in methods or METHODS:
         overrides = ["train.max_steps=1000000", "eval.knn_every=0"]
         if batch_size:
             overrides.append(f"data.batch_size={batch_size}")
