@@ -107,18 +107,9 @@ def _sync_bn_for_device(model: nn.Module, device: torch.device, world: int) -> n
 
 def _plain_batchnorm(module: nn.Module) -> nn.Module:
     """SyncBatchNorm -> BatchNorm2d sharing its tensors (one CPU process: nothing to synchronise)."""
-    if isinstance(module, nn.SyncBatchNorm):
-        bn = nn.BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
-        if module.affine:
-            bn.weight, bn.bias = module.weight, module.bias
-        if module.track_running_stats:
-            bn.running_mean, bn.running_var = module.running_mean, module.running_var
-            bn.num_batches_tracked = module.num_batches_tracked
-        bn.train(module.training)
-        return bn
-    for name, child in module.named_children():
-        module.add_module(name, _plain_batchnorm(child))
-    return module
+    from training.sync_bn import replace_batchnorm
+
+    return replace_batchnorm(module, nn.SyncBatchNorm, nn.BatchNorm2d)
 
 
 def lr_factor(it: int, steps: Sequence[int], gamma: float, warmup_iters: int, warmup_factor: float) -> float:

@@ -53,11 +53,11 @@ class GlobalBatchNorm(_BatchNorm):
         return y.to(x.dtype)
 
 
-def convert_global_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every BatchNorm by a GlobalBatchNorm sharing its parameters and buffers."""
-    if isinstance(module, _BatchNorm) and not isinstance(module, GlobalBatchNorm):
-        new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                              module.track_running_stats)
+def replace_batchnorm(module: nn.Module, match: type | tuple[type, ...], new_cls: type,
+                      skip: type | tuple[type, ...] = ()) -> nn.Module:
+    """Replace every `match` BatchNorm (not `skip`) by `new_cls` sharing its parameters and buffers."""
+    if isinstance(module, match) and not isinstance(module, skip):
+        new = new_cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
         if module.affine:
             new.weight, new.bias = module.weight, module.bias
         if module.track_running_stats:
@@ -66,5 +66,10 @@ def convert_global_batchnorm(module: nn.Module) -> nn.Module:
         new.train(module.training)
         return new
     for name, child in module.named_children():
-        module.add_module(name, convert_global_batchnorm(child))
+        module.add_module(name, replace_batchnorm(child, match, new_cls, skip))
     return module
+
+
+def convert_global_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm by a GlobalBatchNorm sharing its parameters and buffers."""
+    return replace_batchnorm(module, _BatchNorm, GlobalBatchNorm, skip=GlobalBatchNorm)

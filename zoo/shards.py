@@ -233,6 +233,19 @@ def _finish_shard(out: Path, s: int, shard_size: int, n: int, a: dict, source: S
     atomic_write_json(out / "shards" / f"{name}.json", meta)  # the marker: written after the features
 
 
+def _load_rows(npy: Path, n_ids: int, ids_file: str, fix: str, mmap: bool = False) -> np.ndarray:
+    """A features .npy whose rows must match its ids; damage or a row count off is one line with `fix`."""
+    try:
+        feats = np.load(npy, mmap_mode="r" if mmap else None)
+    except (OSError, ValueError, EOFError) as e:
+        raise EmbedError(f"{npy} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                         f"{fix}") from None
+    if feats.ndim != 2 or feats.shape[0] != n_ids:
+        raise EmbedError(f"{npy} holds {feats.shape[0] if feats.ndim else 0} rows but {ids_file} lists {n_ids} "
+                         f"ids; {fix}")
+    return feats
+
+
 def iter_shards(out: str | os.PathLike, mmap: bool = True) -> Iterator[tuple[np.ndarray, list[Any], dict]]:
     """(features, ids, shard metadata) of each finished shard of an `embed_to_dir` folder, in input order.
 
@@ -243,14 +256,8 @@ def iter_shards(out: str | os.PathLike, mmap: bool = True) -> Iterator[tuple[np.
     for sh in index["shards"]:
         meta = _read_json(out / "shards" / f"{sh['name']}.json")
         npy = out / "shards" / f"{sh['name']}.npy"
-        try:
-            feats = np.load(npy, mmap_mode="r" if mmap else None)
-        except (OSError, ValueError, EOFError) as e:
-            raise EmbedError(f"{npy} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                             f"delete it and its .json, then run the same `zoo embed` again to redo it") from None
-        if feats.ndim != 2 or feats.shape[0] != len(meta["ids"]):
-            raise EmbedError(f"{npy} holds {feats.shape[0] if feats.ndim else 0} rows but its .json lists "
-                             f"{len(meta['ids'])} ids; delete both, then run the same `zoo embed` again to redo it")
+        feats = _load_rows(npy, len(meta["ids"]), "its .json", "delete both, then run the same `zoo embed` again "
+                           "to redo it", mmap)
         yield feats, meta["ids"], meta
 
 
@@ -287,14 +294,8 @@ def read_embeddings(out: str | os.PathLike) -> Embeddings:
     shape = tuple(config["map_shape"]) if config.get("map_shape") else None
     if (out / "features.npy").exists() and (out / "ids.json").exists():
         meta = _read_json(out / "ids.json")
-        try:
-            feats = torch.from_numpy(np.load(out / "features.npy"))
-        except (OSError, ValueError, EOFError) as e:
-            raise EmbedError(f"{out / 'features.npy'} is damaged ({type(e).__name__}); delete it and run "
-                             f"zoo.shards.merge_shards({str(out)!r}) again") from None
-        if feats.ndim != 2 or feats.shape[0] != len(meta["ids"]):
-            raise EmbedError(f"{out / 'features.npy'} holds {feats.shape[0]} rows but {out / 'ids.json'} lists "
-                             f"{len(meta['ids'])} ids; delete both and run zoo.shards.merge_shards({str(out)!r})")
+        feats = torch.from_numpy(np.asarray(_load_rows(out / "features.npy", len(meta["ids"]), str(out / "ids.json"),
+                                                       f"delete both and run zoo.shards.merge_shards({str(out)!r})")))
         labels = None if meta.get("labels") is None else torch.tensor(meta["labels"], dtype=torch.int64)
         return Embeddings(feats, meta["ids"], [tuple(x) for x in meta["failed"]], labels, shape)
     parts, ids, failed, labels = [], [], [], []
