@@ -141,3 +141,24 @@ def test_zoo_embed_is_callable_whether_the_function_or_a_submodule_import_comes_
         res = subprocess.run([sys.executable, "-c", code.format(first=first)], capture_output=True, text=True,
                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
         assert res.returncode == 0 and "torch.Size([2, 256])" in res.stdout, res.stderr[-2000:]
+
+
+def _python_m_entries() -> list[str]:
+    """Modules named as `python -m X` / `python3 -m X` in the README, docs and our sources."""
+    import re
+
+    texts = [ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]
+    texts += [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")]
+    found = set()
+    for path in texts:
+        found |= set(re.findall(r"python3? -m ((?:zoo|zoo_cli|training|export)(?:\.[a-z_]+)*)", path.read_text()))
+    return sorted(found)
+
+
+def test_every_python_m_entry_the_docs_mention_runs():
+    entries = _python_m_entries()
+    assert "training" in entries and "zoo_cli" in entries
+    for module in entries:
+        res = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120,
+                             cwd=ROOT)
+        assert res.returncode == 0 and "usage:" in res.stdout, (module, res.stderr[-1000:])
