@@ -151,7 +151,7 @@ def _python_m_entries() -> list[str]:
     texts += [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")]
     found = set()
     for path in texts:
-        found |= set(re.findall(r"python3? -m ((?:zoo|zoo_cli|training|export)(?:\.[a-z_]+)*)", path.read_text()))
+        found |= set(re.findall(r"python3? -m ((?:zoo_cli|zoo|training|export)(?:\.[a-z_]+)*)\b", path.read_text()))
     return sorted(found)
 
 
