@@ -311,7 +311,7 @@ def test_missing_dataset_files_say_where_to_put_them_and_nothing_downloads(name,
     assert not (tmp_path / "empty").exists() or not any((tmp_path / "empty").iterdir())
 
 
-def test_a_training_run_is_evaluated_into_results_json_with_its_training_minutes(tmp_path):
+def test_a_training_run_is_evaluated_into_results_json_with_its_training_minutes_and_hardware(tmp_path):
     from training.trainer import train
     from zoo_cli.main import main
 
@@ -324,6 +324,22 @@ def test_a_training_run_is_evaluated_into_results_json_with_its_training_minutes
     assert main(args) == 0
     data = json.loads(results.read_text())
     assert 0 <= data["knn_k20"] <= 100 and "train_minutes" in data and "cosine" in data["protocol"]
+    assert "threads" in data["hardware"] or "x " in data["hardware"]  # the CPU model and threads, or the GPUs
+
+
+def test_a_run_resumed_on_other_hardware_names_every_machine_it_ran_on(tmp_path, monkeypatch):
+    import training.trainer as trainer_module
+    from training.trainer import train
+
+    run = tmp_path / "run"
+    train(tiny_recipe(max_steps=2), run, progress=False)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    ckpt["history"] = json.dumps([r for r in json.loads(ckpt["history"]) if not r.get("final")])
+    torch.save(ckpt, run / "checkpoint.pt")  # as if stopped before the end
+    monkeypatch.setattr(trainer_module, "describe_hardware", lambda device, world: "1x Other GPU")
+    train(tiny_recipe(max_steps=2), run, resume=True, progress=False)
+    hardware = json.loads(torch.load(run / "checkpoint.pt", weights_only=True)["hardware"])
+    assert len(hardware) == 2 and hardware[1] == "1x Other GPU" and "threads" in hardware[0]
 
 
 SHIPPED_CPU_RECIPES = [p for p in RECIPES if p.endswith("/fmnist.yaml")]  # the eight methods' shipped weights

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import signal
 import sys
 import time
@@ -58,6 +59,19 @@ def _sync(device: torch.device) -> None:
 
 def _step_generator(seed: int, step: int, salt: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + salt) % (2**63 - 1))
+
+
+def describe_hardware(device: torch.device, world: int) -> str:
+    """Where a session trains, for the model card: the GPU's name, or the CPU's and its thread count."""
+    if device.type == "cuda":
+        return f"{world}x {torch.cuda.get_device_name(device)}"
+    cpu = platform.processor() or platform.machine()
+    try:  # Linux names the model here; platform.processor() is often just the architecture
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{world}x {cpu}, {torch.get_num_threads()} threads" if world > 1 else f"{cpu}, {torch.get_num_threads()} threads"
 
 
 def _logged_at_or_before(line: str, step: int) -> bool:
@@ -128,6 +142,7 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.skipped_files = 0
         self.train_seconds = 0.0  # wall-clock time spent in fit(), summed over resumed sessions
+        self.hardware: list[str] = []  # where each session ran: the card names all of them
         self.history: list[dict[str, Any]] = []
         self._tensorboard: Any = None
         if self.rank == 0:
@@ -147,7 +162,7 @@ class Trainer:
                 "batch_in_epoch": self.batch_in_epoch, "torch_rng": torch.get_rng_state(),
                 "recipe_json": json.dumps(self.recipe, sort_keys=True), "recipe_hash": config_hash(self.recipe),
                 "history": json.dumps(self.history), "skipped_files": self.skipped_files,
-                "train_seconds": self._elapsed()}
+                "train_seconds": self._elapsed(), "hardware": json.dumps(self.hardware)}
 
     def _elapsed(self) -> float:
         started = getattr(self, "_fit_started", None)
@@ -174,6 +189,7 @@ class Trainer:
         self.history = json.loads(ckpt["history"])
         self.skipped_files = ckpt["skipped_files"]
         self.train_seconds = float(ckpt.get("train_seconds", 0.0))
+        self.hardware = json.loads(ckpt.get("hardware", "[]"))
         # Steps logged after this checkpoint (before a kill) are re-run: drop them from the log.
         metrics = self.out / "metrics.jsonl"
         if self.rank == 0 and metrics.exists():
@@ -304,6 +320,9 @@ class Trainer:
                 if bar is not None:
                     bar.write(f"initial (random) backbone: k-NN top-1 {record['knn_top1']:.2f}")
             self.save()  # step-0 checkpoint: a run killed before its first save can still --resume
+        here = describe_hardware(self.device, self.world)
+        if here not in self.hardware:
+            self.hardware.append(here)
         t_last, n_last = time.time(), 0
         self._fit_started = time.time()
         stop = False

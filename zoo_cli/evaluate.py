@@ -80,6 +80,9 @@ def _write_results(path: Path, res: dict[str, float], args: argparse.Namespace) 
         ckpt = load_checkpoint(checkpoint_path(args.weights))
         if ckpt.get("train_seconds"):
             values["train_minutes"] = round(float(ckpt["train_seconds"]) / 60, 1)
+        hardware = json.loads(ckpt.get("hardware") or "[]")
+        if hardware:  # summed minutes over every session, so every machine they ran on
+            values["hardware"] = " + ".join(hardware)
     print(f"wrote {update_results(path, values)}")
 
 
