@@ -163,6 +163,12 @@ def build_card(spec: ModelSpec, checkpoint: TrainedCheckpoint, results: Results,
     if results.train_minutes is not None and results.hardware:
         train_time += f" on {results.hardware}"
     recipe_yaml = yaml.safe_dump(recipe, sort_keys=False).rstrip()
+    if results.measured_on:
+        measured_on_note = f"Measured on: {results.measured_on}."
+    else:  # older results.json files did not say; do not let the reader assume the shipped bytes
+        measured_on_note = "Measured on: not recorded in its results.json (the field is newer than these numbers)."
+    if facts.weights_dtype == "float16":
+        measured_on_note += " The shipped `model.safetensors` is fp16: its features differ from fp32 ones by rounding."
     weights_dtype = "fp16 (loads back as fp32)" if facts.weights_dtype == "float16" else "fp32"
     width = stem_width(spec.arch)
     stem_note = (f"`conv1` is a 3x3 convolution with stride {arch.stem_stride} and padding 1 instead of torchvision's "
@@ -215,7 +221,8 @@ Reproduce with `zoo train {spec.recipe}`. The resolved recipe this checkpoint wa
 {history_section(spec, checkpoint)}
 ## Evaluation
 
-Top-1 accuracy (%) on the {display} {split} split, measured by ssl-zoo's evaluation step{baseline_note}:
+Top-1 accuracy (%) on the {display} {split} split, measured by ssl-zoo's evaluation step{baseline_note}.
+{measured_on_note}
 
 {eval_header}
 {eval_rows}

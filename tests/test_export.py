@@ -491,3 +491,13 @@ def test_card_says_plainly_that_an_imagenet_stem_net_on_small_images_is_not_an_i
         assert ("not an ImageNet backbone" in note) is expected, name
     spec = zoo.get_spec("wmse-resnet50.fmnist")
     assert "7x7 maps after its max-pool, 1x1 in the last stage" in _small_input_note(spec, get_arch(spec.arch), "x")
+
+
+def test_results_of_two_sets_of_weights_name_both_on_the_card(tmp_path):
+    from zoo.checkpoint import read_results, update_results
+
+    path = tmp_path / "results.json"
+    update_results(path, {"knn_k20": 80.0, "measured_on": "the fp32 weights of the training checkpoint `run`"})
+    update_results(path, {"linear": 85.0, "measured_on": "model.safetensors (sha256 abc..., loaded as torch.float32)"})
+    measured = read_results(path).measured_on
+    assert "training checkpoint" in measured and "then model.safetensors" in measured

@@ -68,7 +68,7 @@ METRICS: dict[str, str] = {
     "knn5_majority": "5-NN majority-vote top-1 (Euclidean)",
     "linear": "linear probe top-1 (frozen features)",
 }
-_TEXT_FIELDS = ("protocol", "hardware")
+_TEXT_FIELDS = ("protocol", "hardware", "measured_on")
 TRANSFER_KEY = re.compile(r"^(linear|finetune)_(\d+(?:p\d+)?)pct$")  # written by zoo/transfer.py
 
 
@@ -186,6 +186,7 @@ class Results:
     protocol: str | None = None
     train_minutes: float | None = None
     hardware: str | None = None
+    measured_on: str | None = None  # which weights the numbers come from (the card must say)
     source: Path | None = None
     transfer: dict[str, float] = field(default_factory=dict)  # linear_10pct, finetune_1pct, ... (top-1 %)
     transfer_protocols: dict[str, str] = field(default_factory=dict)
@@ -196,7 +197,7 @@ class Results:
         out: dict[str, Any] = {**self.metrics, **self.protocol_knn, **self.transfer}
         if self.transfer_protocols:
             out["transfer_protocols"] = dict(self.transfer_protocols)
-        for key in ("protocol", "hardware", "train_minutes"):
+        for key in ("protocol", "hardware", "measured_on", "train_minutes"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return out
@@ -248,7 +249,8 @@ def parse_results(data: Any, p: Path) -> Results:
         if data.get(key) is not None and not isinstance(data[key], str):
             raise CheckpointError(f"{p}: {key} must be a string, got {type(data[key]).__name__}")
         texts[key] = data.get(key)
-    return Results(metrics=metrics, protocol=texts["protocol"], hardware=texts["hardware"], source=p,
+    return Results(metrics=metrics, protocol=texts["protocol"], hardware=texts["hardware"],
+                   measured_on=texts["measured_on"], source=p,
                    train_minutes=None if minutes is None else _number(minutes, "train_minutes", p, 0.0, 1e7),
                    transfer=transfer, transfer_protocols={k: v for k, v in protocols.items() if k in transfer},
                    protocol_knn=protocol_knn)
@@ -272,6 +274,12 @@ def update_results(path: str | os.PathLike, values: dict[str, Any],
     data = _read_json(path) if path.exists() else {}
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} must hold a JSON object; it is read by zoo export")
+    if values.get("measured_on") and data.get("measured_on") and values["measured_on"] != data["measured_on"]:
+        # Numbers of two sets of weights in one file: the card must name both, not the last one alone.
+        if values["measured_on"] not in data["measured_on"]:
+            values = {**values, "measured_on": f"{data['measured_on']}; then {values['measured_on']}"}
+        else:
+            values = {**values, "measured_on": data["measured_on"]}
     data.update({k: round(float(v), 2) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
                  for k, v in values.items()})
     if transfer_protocols is not None:

@@ -52,7 +52,7 @@ def _cmd_eval(args: argparse.Namespace, protocols: tuple[str, ...]) -> int:
                              progress=not args.no_progress, limit_train=args.limit_train,
                              limit_test=args.limit_test, protocols=protocols, knn_protocol=knn_protocol)
     if args.results:
-        _write_results(Path(args.results), res, args)
+        _write_results(Path(args.results), res, args, None if args.model == "pixels" else _measured_on(model, args))
     if args.json:
         print(json.dumps({"model": name, **res}))
         return 0
@@ -69,11 +69,24 @@ def _cmd_eval(args: argparse.Namespace, protocols: tuple[str, ...]) -> int:
     return 0
 
 
-def _write_results(path: Path, res: dict[str, float], args: argparse.Namespace) -> None:
+def _measured_on(model: Any, args: argparse.Namespace) -> str:
+    """Which weights the numbers belong to, in words the card prints (the shipped file may be an fp16 cast)."""
+    if args.untrained:
+        return f"untrained weights (seed {args.seed})"
+    if args.weights and is_training_run(args.weights):
+        return f"the fp32 weights of the training checkpoint `{Path(args.weights).name}`"
+    dtype = {p.dtype for p in model.state_dict().values() if p.is_floating_point()}
+    source = Path(args.weights).name if args.weights else "the registry's file"
+    return f"{source} (sha256 {str(model.spec.sha256)[:12]}..., loaded as {'/'.join(sorted(map(str, dtype)))})"
+
+
+def _write_results(path: Path, res: dict[str, float], args: argparse.Namespace, measured_on: str | None) -> None:
     """Merge measured numbers into a results.json that `zoo export` turns into the model card."""
     from zoo.checkpoint import update_results
 
     values: dict[str, Any] = {**res, "protocol": EVAL_PROTOCOL}
+    if measured_on:
+        values["measured_on"] = measured_on
     if args.weights and is_training_run(args.weights):
         from zoo.checkpoint import checkpoint_path, load_checkpoint
 
