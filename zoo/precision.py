@@ -37,7 +37,9 @@ class PrecisionRejectedError(ZooError, ValueError):
 
 def _features(runner: Callable, model: torch.nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
     # Features straight from a runner, unnormalised: the check compares precisions, not preprocessing paths.
-    return run_chunks(runner, lambda chunk: model.preprocess(chunk[:, None]), images, batch_size)
+    # On the host: the comparison, the FAISS search and the cached reference are numpy (a CUDA model's
+    # features would fail at .numpy()).
+    return run_chunks(runner, lambda chunk: model.preprocess(chunk[:, None]), images, batch_size).cpu()
 
 
 # ------------------------------------------------------------------------------------------ checks
