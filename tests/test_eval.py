@@ -158,9 +158,14 @@ def test_int8_file_and_checks_of_an_older_recipe_are_made_again(cache, model):
 def test_bench_embed_smoke_measures_every_variant_side_by_side(cache, capsys):
     from zoo_cli.bench.embed import bench_embed
 
-    res = bench_embed(models=[NAME], batch_size=4, batches=1, check=False, matmul_size=256)
+    res = bench_embed(models=[NAME], batch_size=4, batches=1, check=False, matmul_size=256, pipeline_images=16,
+                      pipeline_batch=8)
     out = capsys.readouterr().out
     for fragment in ("eager fp32", "channels_last", "onnxruntime fp32", "ours: backend=torch fp32",
                      "bf16", "int8", "machine limit", "ratios vs onnxruntime fp32", "goal"):
         assert fragment in out, fragment
     assert len(res[0]["rows"]) == 7 and all(v > 0 for _, v, _ in res[0]["rows"])
+    # The whole zoo.embed call beside the bare forward, for each kind of input, with its ratio and goal.
+    for kind in ("uint8 tensor", "list of PIL images", "folder of JPEGs"):
+        assert f"zoo.embed, {kind}" in out and res[0]["pipeline"][f"zoo.embed {kind}"] > 0
+    assert "x the best bare forward (goal >= 0.8" in out and "<- best" in out

@@ -14,7 +14,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     from zoo_cli.bench.embed import bench_embed
 
     bench_embed(models=args.models, batch_size=args.batch_size, batches=args.batches, check=not args.no_check,
-                image_size=args.image_size)
+                image_size=args.image_size, pipeline_images=args.pipeline_images, pipeline_batch=args.pipeline_batch)
     return 0
 
 
@@ -44,6 +44,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--batches", type=int, default=4, help="timed batches per variant (after one warm-up)")
     p.add_argument("--image-size", type=int, default=None, help="override the model's input size")
     p.add_argument("--no-check", action="store_true", help="skip the bf16/int8 quality checks (not accepted then)")
+    p.add_argument("--pipeline-images", type=int, default=2048,
+                   help="time the whole zoo.embed call (tensor, PIL list, JPEG folder) beside the bare forward on "
+                        "this many images (0: skip)")
+    p.add_argument("--pipeline-batch", type=int, default=256, help="batch size of the pipeline comparison")
     p.set_defaults(func=_cmd_embed)
 
     p = bench.add_parser("index", help="exact and approximate k-NN search: FAISS vs torch vs scikit-learn")

@@ -12,7 +12,8 @@ from zoo_cli.bench.timing import matmul_flops, median_time, model_flops, say
 
 
 def _bench_model(name: str, batch_size: int, batches: int, check: bool, image_size: int | None,
-                 peak: float, variants: Sequence[str]) -> dict[str, Any]:
+                 peak: float, variants: Sequence[str], pipeline_images: int = 0,
+                 pipeline_batch: int | None = None) -> dict[str, Any]:
     import copy
     from dataclasses import replace
 
@@ -96,21 +97,30 @@ def _bench_model(name: str, batch_size: int, batches: int, check: bool, image_si
     if ort_fp32:
         say(f"  ratios vs onnxruntime fp32: " + ", ".join(f"{label.split(' (')[0]} {v / ort_fp32:.2f}x"
                                                         for label, v, _ in rows))
+    pipeline = None
+    if pipeline_images:
+        from zoo_cli.bench.pipeline import bench_pipeline
+
+        pipeline = bench_pipeline(model, fashion_mnist_split("test", pipeline_images).images,
+                                  pipeline_batch or batch_size)
     return {"model": model.spec.name, "rows": rows, "ort_fp32": ort_fp32, "ours_fp32": ours_fp32,
-            "accepted": accepted, "limit": limit, "goal_3x": model.spec.arch == "resnet50"}
+            "accepted": accepted, "limit": limit, "goal_3x": model.spec.arch == "resnet50", "pipeline": pipeline}
 
 
 def bench_embed(models: Sequence[str] = ("wmse-resnet50", "wmse-resnet18_narrow.fmnist"), batch_size: int = 32,
                 batches: int = 4, check: bool = True, image_size: int | None = None,
                 variants: Sequence[str] = ("eager", "channels_last", "onnxruntime", "torch", "bf16", "int8"),
-                matmul_size: int = 2048) -> list[dict[str, Any]]:
-    """Embedding throughput per model: eager fp32, channels_last, onnxruntime fp32, ours (fp32, bf16, int8)."""
+                matmul_size: int = 2048, pipeline_images: int = 2048, pipeline_batch: int | None = 256
+                ) -> list[dict[str, Any]]:
+    """Embedding throughput per model: eager fp32, channels_last, onnxruntime fp32, ours (fp32, bf16, int8);
+    then the whole `zoo.embed` call beside the bare forward on `pipeline_images` images (0: skip)."""
     peak = matmul_flops(matmul_size)
     say(f"bench embed: {torch.get_num_threads()} torch threads; best fp32 matmul {peak / 1e9:.1f} GFLOP/s; "
          f"median of >= {batches} batches and >= 1 s per variant, after 1 warm-up")
     results = []
     for name in models:
-        res = _bench_model(name, batch_size, batches, check, image_size, peak, variants)
+        res = _bench_model(name, batch_size, batches, check, image_size, peak, variants, pipeline_images,
+                           pipeline_batch)
         results.append(res)
         gc.collect()
     for res in results:
