@@ -123,15 +123,22 @@ def default_workers(source: Source, n_batches: int) -> int:
     return max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
-def _loader(source: Source, batches: list[list[int]], num_workers: int) -> Iterator[dict[str, Any]]:
+def _loader(source: Source, batches: list[list[int]], num_workers: int, pin: bool = False
+            ) -> Iterator[dict[str, Any]]:
     if num_workers <= 0:
         for b in batches:
             yield source.batch(b)
         return
-    # batch_size=None + a sampler of index lists: each worker call decodes and preprocesses a whole batch.
+    # batch_size=None + a sampler of index lists: each worker call decodes and preprocesses a whole batch;
+    # pinned batches (for a CUDA model) copy to the device without blocking the host.
     loader = torch.utils.data.DataLoader(source, batch_size=None, sampler=batches, num_workers=num_workers,
-                                         prefetch_factor=2, persistent_workers=False)
+                                         prefetch_factor=2, persistent_workers=False, pin_memory=pin)
     yield from loader
+
+
+def runner_device(runner: Callable) -> torch.device:
+    """Where a runner computes: a TorchRunner's device, else the host (onnxruntime takes numpy)."""
+    return getattr(runner, "device", None) or torch.device("cpu")
 
 
 def run_batches(source: Source, batches: list[list[int]], runner: Callable, normalize: bool, num_workers: int,
@@ -140,18 +147,37 @@ def run_batches(source: Source, batches: list[list[int]], runner: Callable, norm
     from tqdm.auto import tqdm
 
     total = sum(len(b) for b in batches)
+    device = runner_device(runner)
+    on_accelerator = device.type == "cuda"
+    pending: tuple | None = None  # the previous batch, its features still copying to the host
     with tqdm(total=total, unit="img", desc=desc, disable=not progress or total == 0, file=sys.stderr,
               dynamic_ncols=True) as bar:
-        for out in _loader(source, batches, num_workers):
+        for out in _loader(source, batches, num_workers, pin=on_accelerator):
             kept = out["idx"]
+            f, done = torch.empty(0), None
             if kept:
-                f = runner(out["x"]).float().cpu()
+                f = runner(out["x"]).float()
                 if normalize:
                     f = F.normalize(f, dim=1)
-            else:
-                f = torch.empty(0)
-            bar.update(len(kept) + len(out["failed"]))
-            yield kept, f, out["failed"], out["labels"]
+                if on_accelerator:  # copy back without waiting; wait for it one batch later, not now
+                    f = f.to("cpu", non_blocking=True)
+                    done = torch.cuda.Event()
+                    done.record()
+                else:
+                    f = f.cpu()  # a no-op for host tensors; explicit so no device tensor ever leaves here
+            if pending is not None:
+                yield _landed(pending, bar)
+            pending = (kept, f, out["failed"], out["labels"], done)
+        if pending is not None:
+            yield _landed(pending, bar)
+
+
+def _landed(pending: tuple, bar: Any) -> tuple[list[int], torch.Tensor, list, torch.Tensor]:
+    kept, f, failed, labels, done = pending
+    if done is not None:
+        done.synchronize()
+    bar.update(len(kept) + len(failed))
+    return kept, f, failed, labels
 
 
 def embed(model: torch.nn.Module, inputs: Any, batch_size: int | None = None, device: str | torch.device | None = None,
@@ -175,6 +201,7 @@ def embed(model: torch.nn.Module, inputs: Any, batch_size: int | None = None, de
     runner = checked_runner(model, backend, precision, device)
     batches = [list(range(s, min(s + bs, len(source)))) for s in range(0, len(source), bs)]
     workers = default_workers(source, len(batches)) if num_workers is None else int(num_workers)
+    source.device = runner_device(runner) if workers == 0 else None  # worker processes stay off the GPU
     feats, ids, failed, labels = [], [], [], []
     for kept, f, bad, lab in run_batches(source, batches, runner, normalize, workers, progress):
         if kept:

@@ -21,7 +21,7 @@ import torch
 
 from zoo import distributed as zoo_dist
 from zoo.artifacts import weights_fingerprint
-from zoo.embed import Embeddings, checked_runner, default_workers, prepare, run_batches
+from zoo.embed import Embeddings, checked_runner, default_workers, prepare, run_batches, runner_device
 from zoo.errors import EmbedError
 from zoo.fsutil import atomic_save_npy, atomic_write_json
 from zoo.images import DEFAULT_MAX_PIXELS
@@ -183,6 +183,7 @@ def embed_to_dir(model: torch.nn.Module, inputs: Any, out: str | os.PathLike, sh
         remaining = {s: sum(1 for o in owner if o == s) for s in mine}
         acc: dict[int, dict[str, list]] = {s: {"f": [], "idx": [], "failed": [], "labels": []} for s in mine}
         workers = default_workers(source, len(batches)) if num_workers is None else int(num_workers)
+        source.device = runner_device(runner) if workers == 0 else None  # worker processes stay off the GPU
         desc = f"embed rank {rank}/{world}" if world > 1 else "embed"
         for b, (kept, f, bad, lab) in enumerate(run_batches(source, batches, runner, normalize, workers,
                                                              progress, desc)):

@@ -28,6 +28,7 @@ class Source:
 
     def __init__(self, preprocess: Callable[[Any], torch.Tensor]):
         self.preprocess = preprocess
+        self.device: torch.device | None = None  # where in-memory tensors are preprocessed (None: the host)
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -125,7 +126,13 @@ class TensorSource(Source):
 
     def batch(self, indices: Sequence[int]) -> dict[str, Any]:
         idx = list(indices)
-        x = self.preprocess(self.tensor[idx])  # one vectorised call per batch
+        chunk = self.tensor[idx]
+        if self.device is not None and self.device.type != "cpu" and chunk.device != self.device:
+            # Move the compact uint8 batch, not 4x larger floats; resize and normalise run on the device.
+            chunk = chunk.pin_memory().to(self.device, non_blocking=True)
+        x = self.preprocess(chunk)  # one vectorised call per batch
+        if not chunk.is_floating_point():  # integer pixels cannot be NaN: no check, no device sync
+            return {"x": x, "idx": idx, "failed": [], "labels": torch.full((len(idx),), -1, dtype=torch.int64)}
         ok = torch.isfinite(x.flatten(1)).all(1)
         kept = [i for i, good in zip(idx, ok.tolist()) if good]
         failed = [(i, "image has NaN or inf values") for i, good in zip(idx, ok.tolist()) if not good]
