@@ -123,7 +123,7 @@ def fit_to_arch(mapped: KeyMap, fmt: Format, arch: str, source: str,
             parts.append(f"{len(unknown)} key(s) no {fmt.name} rule covers: {_few(unknown)}")
         if missing:
             parts.append(f"{len(missing)} {arch} key(s) missing: {_few(missing)}")
-        hint = _missing_hint(mapped, fmt, own, prefixed) if missing else \
+        hint = _missing_hint(mapped, unknown, fmt, own, prefixed) if missing else \
             "pass drop=[PREFIX] (--drop PREFIX) for parts that are not the backbone"
         if any(".shortcut." in k for k in unknown):
             hint = "lightly's ResNetGenerator layout (shortcut, linear) is not a torchvision ResNet: not supported"
@@ -143,18 +143,20 @@ def fit_to_arch(mapped: KeyMap, fmt: Format, arch: str, source: str,
     return state, filled
 
 
-def _missing_hint(mapped: KeyMap, fmt: Format, own: dict[str, torch.Tensor], prefixed: Prefixed | None) -> str:
+def _missing_hint(mapped: KeyMap, unknown: list[str], fmt: Format, own: dict[str, torch.Tensor],
+                  prefixed: Prefixed | None) -> str:
     """The flag that fixes missing backbone keys: --strip / --keep when the keys sit under another prefix,
     --arch when the file's keys are another arch's, --from when nothing of the format's layout is there."""
-    if prefixed is not None and mapped.unknown:
-        def found(strip: Sequence[str], keep: str | None) -> int:
+    if prefixed is not None and unknown:
+        def converts(strip: Sequence[str], keep: str | None) -> bool:  # every key accounted for, none missing
             try:
-                state = apply_prefixes(prefixed.state, _no_wrappers(fmt), strip, keep).state
+                m = map_keys(apply_prefixes(prefixed.state, _no_wrappers(fmt), strip, keep).state, fmt)
             except ConversionError:
-                return 0
-            return sum(k in own for k in map_keys(state, fmt).state)
+                return False
+            return not m.unknown and set(m.state) <= set(own) and \
+                all(k in m.state for k in own if not k.endswith(BN_COUNTER))
 
-        hint = prefix_hint(mapped.unknown, list(own), fmt, found)
+        hint = prefix_hint(unknown, converts)
         if hint:
             return hint
     if not mapped.state:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -106,20 +106,19 @@ def _heads(state: dict[str, torch.Tensor], n: int = 6) -> str:
     return ", ".join(f"{h} ({c})" for h, c in heads.most_common(n))
 
 
-def prefix_hint(unknown: Sequence[str], own: Sequence[str], fmt: Format, try_map) -> str | None:
-    """The --strip / --keep that would make the format's rules find `own`'s keys among `unknown`, if one does.
+def prefix_hint(unknown: Sequence[str], converts: Callable[[Sequence[str], str | None], bool]) -> str | None:
+    """The --strip / --keep that makes the conversion account for every key, if one does.
 
-    `try_map(strip, keep)` returns how many of `own`'s keys the conversion would then find.
+    `converts(strip, keep)` says whether the conversion would then succeed; candidates are the unknown
+    keys' most common prefixes of 1-3 levels.
     """
     candidates: Counter = Counter()
     for key in unknown:
         parts = key.split(".")
         for i in range(1, min(len(parts), 4)):
             candidates[".".join(parts[:i]) + "."] += 1
-    need = len([k for k in own if not k.endswith("num_batches_tracked")])
     for prefix, _ in candidates.most_common(8):
-        works = [flag for flag, args in (("--strip", ((prefix,), None)), ("--keep", ((), prefix)))
-                 if try_map(*args) >= need]
+        works = [flag for flag, args in (("--strip", ((prefix,), None)), ("--keep", ((), prefix))) if converts(*args)]
         if works:
             return f"keys start with `{prefix}`: pass " + " or ".join(f"{f} {prefix}" for f in works)
     return None
