@@ -59,12 +59,8 @@ def test_timm_defaults_and_arch_datasets_set_the_preprocessing(tmp_path):
     result = convert(tmp_path / "timm.pth", "timm", arch="resnet18", out=tmp_path / "timm", verbose=False)
     assert result.preprocessing == dict(input_size=224, resize_size=235, mean=list(IMAGENET_MEAN),
                                         std=[0.229, 0.224, 0.225], interpolation="bicubic")
-    torch.save({"state_dict": {f"encoder.{k}": v for k, v in source_backbone(1, "resnet18_cifar").state_dict().items()}},
-               tmp_path / "equimod.pt")
-    with pytest.raises(ConversionError):  # not the layout: equimod keeps resnet.; --keep encoder. reads it
-        convert(tmp_path / "equimod.pt", "equimod", arch="resnet18_cifar", out=tmp_path / "eq", verbose=False)
-    torch.save({"model": {f"resnet.{k}": v for k, v in source_backbone(1, "resnet18_cifar").state_dict().items()}},
-               tmp_path / "equimod.pt")
+    cifar = source_backbone(1, "resnet18_cifar").state_dict()
+    torch.save({"model": {f"resnet.{k}": v for k, v in cifar.items()}}, tmp_path / "equimod.pt")
     result = convert(tmp_path / "equimod.pt", "equimod", arch="resnet18_cifar", out=tmp_path / "eq", verbose=False)
     assert result.preprocessing["input_size"] == 32 and result.preprocessing["mean"] == [0.4914, 0.4822, 0.4465]
 

@@ -200,6 +200,46 @@ def get_format(name: str) -> Format:
     return FORMATS[name]
 
 
+PREPROCESSING = ("input_size", "resize_size", "mean", "std", "interpolation")
+
+
+def preprocessing_for(form: Format, arch: str, spec: Any, overrides: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """(input_size, resize_size, mean, std, interpolation) the converted folder records, and where they come from.
+
+    The registry row's with `--name`; else the format's own (timm, torchvision: ImageNet models) for an
+    ImageNet-stem arch; else the dataset `arch` is trained on (its first registry row by tag order: CIFAR
+    archs -> c10, ImageNet archs -> in1k). Flags override any of them.
+    """
+    from zoo.backbones import get_arch
+    from zoo.registry import TAG_ORDER, get_dataset, registry
+
+    small = get_arch(arch).small_stem
+    if spec is not None:
+        base, origin = {k: getattr(spec, k) for k in PREPROCESSING}, f"registry row {spec.name}"
+    elif form.preprocessing is not None and not small:  # a 3x3 stem is not one of the format's ImageNet models
+        base, origin = dict(form.preprocessing), f"{form.name} defaults"
+    else:
+        tags = sorted((s.tag for s in registry().values() if s.arch == arch), key=TAG_ORDER.index)
+        tag = tags[0] if tags else ("c10" if small else "in1k")
+        row = get_dataset(tag).preprocessing()
+        base, origin = {k: row[k] for k in PREPROCESSING}, f"{get_dataset(tag).display} (the dataset of {arch})"
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "input_size" in given and "resize_size" not in given:  # keep the crop ratio of the defaults
+        given["resize_size"] = round(given["input_size"] * base["resize_size"] / base["input_size"])
+    prep = {**base, **given}
+    prep["mean"], prep["std"] = [float(v) for v in prep["mean"]], [float(v) for v in prep["std"]]
+    if len(prep["mean"]) != 3 or len(prep["std"]) != 3 or min(prep["std"]) <= 0:
+        raise ConversionError(f"mean {prep['mean']} / std {prep['std']}: pass three values each (--mean R G B, "
+                              f"--std R G B), std > 0")
+    if not 0 < prep["input_size"] <= prep["resize_size"]:
+        raise ConversionError(f"input size {prep['input_size']} must be > 0 and <= the resize size "
+                              f"{prep['resize_size']} (the centre crop is taken from the resized image); fix "
+                              f"--input-size or --resize-size")
+    if given:
+        origin += f", overridden: {', '.join(sorted(given))}"
+    return prep, origin
+
+
 # ------------------------------------------------------------------------------------------ reading
 def _one_line(e: BaseException) -> str:
     text = str(e).strip()
