@@ -28,10 +28,10 @@ ARCH = "resnet18_narrow"
 PROBE = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(7))
 
 
-def source_backbone(seed: int = 0) -> nn.Module:
+def source_backbone(seed: int = 0, arch: str = ARCH) -> nn.Module:
     """A random backbone whose BatchNorm weights and statistics are not the defaults (so BN really travels)."""
     torch.manual_seed(seed)
-    model = zoo.create_backbone(ARCH)
+    model = zoo.create_backbone(arch)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.weight.data.uniform_(0.5, 1.5)
@@ -153,7 +153,7 @@ def _lightning(module: nn.Module, **extra) -> dict:
 
 def solo_learn_layout():
     """solo-learn BYOL: backbone / momentum_backbone (torchvision resnet, fc Identity), projector, predictor,
-    classifier."""
+    classifier. An ImageNet-stem resnet18: solo-learn's 3x3 (CIFAR) stem pads by 2 and is refused."""
     class BYOL(nn.Module):
         def __init__(self, backbone):
             super().__init__()
@@ -162,7 +162,7 @@ def solo_learn_layout():
             self.momentum_backbone = source_backbone(60)
             self.projector, self.momentum_projector, self.predictor = mlp(256, 32), mlp(256, 32), mlp(32, 32)
 
-    backbone = source_backbone(6)
+    backbone = source_backbone(6, "resnet18")
     return _lightning(BYOL(backbone)), {}, backbone
 
 
@@ -224,6 +224,11 @@ LAYOUTS = {"groco": (groco_layout, "groco-resnet18_narrow.fmnist"),
            "timm": (timm_layout, "simclr-resnet18_narrow.fmnist")}
 
 
+def any_name(arch: str) -> str:
+    """A registry name of `arch` (a converted folder without --name loads under any of them)."""
+    return next(n for n, s in zoo.registry.registry().items() if s.arch == arch)
+
+
 def write_layout(layout: str, folder: Path) -> tuple[Path, nn.Module]:
     obj, kwargs, backbone = LAYOUTS[layout][0]()
     folder.mkdir(parents=True, exist_ok=True)
@@ -249,9 +254,9 @@ def test_each_layout_converts_to_bit_identical_features_through_zoo_load(layout,
     fmt = layout.split("-named")[0]
     name = LAYOUTS[layout][1]
     out = tmp_path / "out"
-    result = convert(path, fmt, arch=ARCH, out=out, name=name, verbose=False)
+    result = convert(path, fmt, arch=source.arch, out=out, name=name, verbose=False)
 
-    loaded = zoo.load(name or "wmse-resnet18_narrow.fmnist", pretrained=out, device="cpu")
+    loaded = zoo.load(name or any_name(source.arch), pretrained=out, device="cpu")
     assert torch.equal(features(loaded), features(source))
     # Every buffer travelled too, BN counters included (nothing filled: all these files have them).
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in source.state_dict().items())

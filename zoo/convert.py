@@ -39,7 +39,9 @@ from typing import Any, Sequence
 import torch
 
 from zoo.checkpoint import CHECKPOINT_FILE, backbone_checkpoint, save_checkpoint
-from zoo.convert_formats import ConversionError, Format, get_format, read_checkpoint_file, select_state_dict
+from zoo.convert_formats import (PREPROCESSING, ConversionError, Format, get_format, preprocessing_for,
+                                 read_checkpoint_file, select_state_dict)
+from zoo.convert_keys import Prefixed, apply_prefixes, prefix_hint
 from zoo.fsutil import replace_folder
 
 BN_COUNTER = "num_batches_tracked"
@@ -102,8 +104,12 @@ def _fitting_archs(state: dict[str, torch.Tensor]) -> list[str]:
     return fits
 
 
-def fit_to_arch(mapped: KeyMap, fmt: Format, arch: str, source: str) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The backbone state for `arch`: every key accounted for, shapes checked; returns (state, filled keys)."""
+def fit_to_arch(mapped: KeyMap, fmt: Format, arch: str, source: str,
+                prefixed: Prefixed | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The backbone state for `arch`: every key accounted for, shapes checked; returns (state, filled keys).
+
+    `prefixed` (the keys before the format's rules) lets an error name the --strip / --keep that fixes it.
+    """
     from zoo.backbones import create_backbone
 
     own = create_backbone(arch).state_dict()
@@ -118,8 +124,8 @@ def fit_to_arch(mapped: KeyMap, fmt: Format, arch: str, source: str) -> tuple[di
             parts.append(f"{len(unknown)} key(s) no {fmt.name} rule covers: {_few(unknown)}")
         if missing:
             parts.append(f"{len(missing)} {arch} key(s) missing: {_few(missing)}")
-        hint = ("pass drop=[PREFIX] (--drop PREFIX) for parts that are not the backbone" if unknown and not missing
-                else "check --from and --arch")
+        hint = _missing_hint(mapped, unknown, fmt, own, prefixed) if missing else \
+            "pass drop=[PREFIX] (--drop PREFIX) for parts that are not the backbone"
         if any(".shortcut." in k for k in unknown):
             hint = "lightly's ResNetGenerator layout (shortcut, linear) is not a torchvision ResNet: not supported"
         elif any(re.match(r"(module\.)?conv1\.\d+\.", k) for k in unknown):
@@ -130,11 +136,42 @@ def fit_to_arch(mapped: KeyMap, fmt: Format, arch: str, source: str) -> tuple[di
     if wrong:
         fits = _fitting_archs(mapped.state)
         raise ConversionError(f"{source} ({fmt.name}) does not fit arch {arch}: shape mismatch {_few(wrong, 4)}; "
-                              + (f"its shapes fit {', '.join(fits)}" if fits else "no ssl-zoo arch has its shapes"))
+                              + (f"its shapes fit {', '.join(fits)}: pass --arch {fits[0]}" if fits
+                                 else "no ssl-zoo arch has its shapes"))
     state = dict(mapped.state)
     for k in filled:
         state[k] = torch.zeros_like(own[k])
     return state, filled
+
+
+def _missing_hint(mapped: KeyMap, unknown: list[str], fmt: Format, own: dict[str, torch.Tensor],
+                  prefixed: Prefixed | None) -> str:
+    """The flag that fixes missing backbone keys: --strip / --keep when the keys sit under another prefix,
+    --arch when the file's keys are another arch's, --from when nothing of the format's layout is there."""
+    if prefixed is not None and unknown:
+        def converts(strip: Sequence[str], keep: str | None) -> bool:  # every key accounted for, none missing
+            try:
+                m = map_keys(apply_prefixes(prefixed.state, _no_wrappers(fmt), strip, keep).state, fmt)
+            except ConversionError:
+                return False
+            return not m.unknown and set(m.state) <= set(own) and \
+                all(k in m.state for k in own if not k.endswith(BN_COUNTER))
+
+        hint = prefix_hint(unknown, converts)
+        if hint:
+            return hint
+    if not mapped.state:
+        return (f"no key is under the {fmt.name} layout's prefixes: pass the --from format that wrote the file, "
+                f"or --keep PREFIX of its backbone")
+    fits = _fitting_archs(mapped.state)
+    return f"its keys fit {', '.join(fits)}: pass --arch {fits[0]}" if fits else \
+        "pass the --arch the checkpoint was trained with"
+
+
+def _no_wrappers(fmt: Format) -> Format:
+    from dataclasses import replace
+
+    return replace(fmt, wrappers=())  # already stripped once
 
 
 # ------------------------------------------------------------------------------------------ result
@@ -157,6 +194,8 @@ class Conversion:
     probe_shape: tuple[int, ...]
     sha256: str
     notes: list[str] = field(default_factory=list)
+    stripped: dict[str, int] = field(default_factory=dict)
+    preprocessing: dict[str, Any] = field(default_factory=dict)
 
     def report(self) -> list[str]:
         where = f"{self.source}['{self.container}']" if self.container else str(self.source)
@@ -164,6 +203,8 @@ class Conversion:
         lines = [f"converted {self.source} ({self.format}) -> {self.out} ({self.arch})",
                  f"  encoder kept: {self.encoder}",
                  f"  read {where}" + (f"; not read: {', '.join(self.not_read)}" if self.not_read else ""),
+                 "  prefixes stripped: " + (", ".join(f"{p} ({n})" for p, n in self.stripped.items()) or "none"),
+                 "  preprocessing: " + ", ".join(f"{k} {v}" for k, v in self.preprocessing.items()),
                  f"  keys: {self.kept} kept as backbone, {sum(self.dropped.values())} dropped by rule "
                  f"[{dropped}], 0 unused: every key accounted for",
                  f"  check: features of a fixed input {list(self.probe_shape)} (randn, seed {PROBE_SEED}): mean L2 "
@@ -195,8 +236,10 @@ def _probe_input(arch: str, spec: Any) -> torch.Tensor:
 
 
 def convert(checkpoint: str | os.PathLike, fmt: str, arch: str | None = None, out: str | os.PathLike | None = None,
-            *, name: str | None = None, drop: Sequence[str] = (), force: bool = False,
-            verbose: bool = True) -> Conversion:
+            *, name: str | None = None, drop: Sequence[str] = (), strip: Sequence[str] = (),
+            keep: str | None = None, input_size: int | None = None, resize_size: int | None = None,
+            mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+            interpolation: str | None = None, force: bool = False, verbose: bool = True) -> Conversion:
     """Convert another project's checkpoint into a folder `zoo.load(name, pretrained=out)` and `zoo export` take.
 
     `fmt` is a row of `FORMATS`: groco, wmse, isd, equimod, solo-learn, lightly, torchvision, timm. The
@@ -205,8 +248,12 @@ def convert(checkpoint: str | os.PathLike, fmt: str, arch: str | None = None, ou
     GroCo's single encoder; lightly's `backbone`). `arch` is an ssl-zoo arch (`zoo.ARCHS`); `name`, a
     full registry name (`{method}-{arch}.{tag}`), fixes the arch and makes the folder exportable (it
     then also holds a trainer-format `checkpoint.pt`). `drop` adds key prefixes to drop (parts of the
-    method the format's row does not know). `out` must not exist unless `force`. Prints the report
-    (`verbose`) and returns it as a `Conversion`.
+    method the format's row does not know). Wrapper levels (`module.`, `_orig_mod.`, `model.`) are removed
+    first; `strip` removes more prefixes, `keep` keeps only the keys under a prefix and reads them as the
+    format's backbone (e.g. `keep="student_backbone."`). config.json records the arch and the preprocessing
+    (`input_size`, `resize_size`, `mean`, `std`, `interpolation`; see `preprocessing_for`, each overridable
+    here) that `zoo.load` then uses. `out` must not exist unless `force`. Prints the report (`verbose`) and
+    returns it as a `Conversion`.
     """
     from zoo.backbones import create_backbone, get_arch
     from zoo.hub import sha256_file
@@ -228,6 +275,10 @@ def convert(checkpoint: str | os.PathLike, fmt: str, arch: str | None = None, ou
     if arch is None:
         raise ConversionError("pass the arch the checkpoint was trained with (--arch, e.g. resnet50), or --name")
     arch_spec = get_arch(arch)
+    if form.small_stem_refusal and arch_spec.small_stem:
+        raise ConversionError(f"--arch {arch}: {form.small_stem_refusal}")
+    prep, prep_origin = preprocessing_for(form, arch, spec, dict(
+        input_size=input_size, resize_size=resize_size, mean=mean, std=std, interpolation=interpolation))
     if out is None:
         raise ConversionError("pass the output folder (--out DIR)")
     source, final = Path(checkpoint), Path(out)
@@ -236,8 +287,12 @@ def convert(checkpoint: str | os.PathLike, fmt: str, arch: str | None = None, ou
 
     obj = read_checkpoint_file(source, form)
     state, container, not_read = select_state_dict(obj, form, str(source))
-    mapped = map_keys(state, form, drop)
-    backbone_state, filled = fit_to_arch(mapped, form, arch, str(source))
+    prefixed = apply_prefixes(state, form, strip, keep)
+    mapped = map_keys(prefixed.state, form, drop)
+    if prefixed.outside_keep:
+        mapped.dropped[f"not under --keep {keep}"] = prefixed.outside_keep
+    backbone_state, filled = fit_to_arch(mapped, form, arch, str(source), prefixed)
+    encoder = prefixed.encoder or form.encoder
 
     model = create_backbone(arch)
     load_weights_into(model, backbone_state, str(source))
@@ -255,17 +310,20 @@ def convert(checkpoint: str | os.PathLike, fmt: str, arch: str | None = None, ou
     try:
         source_sha = sha256_file(source)
         provenance = {"format": form.name, "file": source.name, "sha256": source_sha, "entry": container,
-                      "encoder": form.encoder, "arch": arch, "kept": len(mapped.kept),
-                      "dropped": dict(mapped.dropped), "filled": filled, "layout_source": form.source}
+                      "encoder": encoder, "arch": arch, "kept": len(mapped.kept), "stripped": dict(prefixed.stripped),
+                      "dropped": dict(mapped.dropped), "filled": filled, "layout_source": form.source,
+                      "preprocessing": prep_origin}
         weights = save_backbone(model.state_dict(), tmp / WEIGHTS_FILE,
                                 metadata={"arch": arch, "converted_from": form.name, "source_sha256": source_sha,
                                           **({"name": name} if name else {})})
         sha = sha256_file(weights)
+        # Nobody measured these bytes: no metrics, recipe or minutes; zoo.load takes arch and preprocessing from here.
         if spec is not None:
-            config = {**spec.to_dict(), "sha256": sha, "has_weights": True, "metrics": {}, "train_minutes": None,
-                      "extra": {**spec.extra, "converted_from": provenance}}
-        else:  # no registry row: only what holds whatever name it is loaded under
-            config = {"sha256": sha, "weights_file": WEIGHTS_FILE, "extra": {"converted_from": provenance}}
+            config = {**spec.to_dict(), **prep, "sha256": sha, "has_weights": True, "metrics": {},
+                      "train_minutes": None, "recipe": "", "extra": {**spec.extra, "converted_from": provenance}}
+        else:  # no registry row: only what holds whatever name (of this arch) it is loaded under
+            config = {"arch": arch, **prep, "sha256": sha, "weights_file": WEIGHTS_FILE,
+                      "extra": {"converted_from": provenance}}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         if spec is not None:
             recipe = {"method": {"name": spec.method}, "model": {"arch": arch},
@@ -279,7 +337,12 @@ def convert(checkpoint: str | os.PathLike, fmt: str, arch: str | None = None, ou
         if spec is not None:
             from zoo.load import load
 
-            checks.append(load(name, pretrained=tmp, device="cpu"))
+            loaded = load(name, pretrained=tmp, device="cpu")
+            if {k: getattr(loaded.spec, k) for k in PREPROCESSING} != {**prep, "mean": tuple(prep["mean"]),
+                                                                       "std": tuple(prep["std"])}:
+                raise ConversionError(f"zoo.load({name!r}, pretrained=...) does not take the converted folder's "
+                                      f"preprocessing; report this")
+            checks.append(loaded)
         with torch.no_grad():
             for m in checks:
                 if not torch.equal(m(probe), features):
@@ -290,10 +353,11 @@ def convert(checkpoint: str | os.PathLike, fmt: str, arch: str | None = None, ou
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-    notes = [form.small_stem_note] if form.small_stem_note and arch_spec.small_stem else []
-    result = Conversion(out=final, format=form.name, arch=arch, name=name, encoder=form.encoder, source=source,
+    notes = [f"preprocessing from {prep_origin}"]
+    result = Conversion(out=final, format=form.name, arch=arch, name=name, encoder=encoder, source=source,
                         container=container, not_read=not_read, kept=len(mapped.kept), dropped=dict(mapped.dropped),
-                        filled=filled, feature_norm=norm, probe_shape=tuple(probe.shape), sha256=sha, notes=notes)
+                        filled=filled, feature_norm=norm, probe_shape=tuple(probe.shape), sha256=sha, notes=notes,
+                        stripped=dict(prefixed.stripped), preprocessing=prep)
     if verbose:
         print("\n".join(result.report()))
     return result

@@ -35,6 +35,10 @@ class ConversionError(ZooError, ValueError):
     """A checkpoint that cannot be converted as asked (unsafe pickle, unknown/missing keys, wrong arch)."""
 
 
+# DDP / DataParallel, torch.compile, a LightningModule holding `self.model`.
+WRAPPERS = ("module.", "_orig_mod.", "model.")
+_IMAGENET_MEAN_STD = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
 @dataclass(frozen=True)
 class Format:
     """How one project's code lays out a checkpoint, and which of its encoders is the backbone."""
@@ -47,7 +51,14 @@ class Format:
     drop: tuple[str, ...]  # prefixes of the method's other parts; checked before `keep`
     encoder: str  # which encoder is kept, and why (printed with every conversion)
     resave: str  # how to re-save a file that needs unpickling, in the original code
-    small_stem_note: str = ""  # printed when converting to a 3x3-stem (CIFAR/STL) arch
+    backbone: str = ""  # prefix of the encoder kept by default; --keep P reads P's keys as if under it
+    # (prefix, why): another name of the encoder, read when no key is under `backbone` (older / example layouts)
+    fallbacks: tuple[tuple[str, str], ...] = ()
+    wrappers: tuple[str, ...] = WRAPPERS  # wrapper levels removed where they are a parent's only child
+    # ImageNet-stem archs' evaluation preprocessing (input_size, resize_size, mean, std, interpolation) for a
+    # format whose models are ImageNet models (timm, torchvision); None: the dataset `--arch` is trained on.
+    preprocessing: dict[str, Any] | None = None
+    small_stem_refusal: str = ""  # why a 3x3-stem arch cannot hold this format's models (refused, rc != 0)
 
 
 _RESAVE_STATE = "load it where its code is importable and save the {what} alone: {how}"
@@ -58,8 +69,9 @@ FORMATS: dict[str, Format] = {f.name: f for f in [
         "github.com/ninatu/learning_by_sorting@47c074e: base/base_trainer.py _save_checkpoint, "
         "models/encoder/regular_encoder.py (torchvision ResNet as `.encoder`, fc = Identity, DDP `module.`)",
         containers=("encoder",),
-        keep=(("module.encoder.", ""), ("encoder.", "")),
+        keep=(("encoder.", ""),),
         drop=(),
+        backbone="encoder.",
         encoder="`encoder` (GroCo trains a single encoder; its k-NN and linear evaluations run on it); the "
                 "`projection` head and optimizer state are other entries of the file and are not read",
         resave=_RESAVE_STATE.format(what="encoder state dict",
@@ -70,8 +82,9 @@ FORMATS: dict[str, Format] = {f.name: f for f in [
         "github.com/htdt/self-supervised@d9662c8: train.py torch.save(model.state_dict()), model.py get_model "
         "(nn.DataParallel(torchvision resnet), fc = Identity), methods/{base,w_mse,byol,contrastive}.py",
         containers=(),
-        keep=(("model.module.", ""), ("model.", "")),
+        keep=(("model.", ""),),
         drop=("head.", "whitening.", "model_t.", "head_t.", "pred.", "bn_last."),
+        backbone="model.", wrappers=("module.", "_orig_mod."),  # `model` is the encoder's own name here
         encoder="`model` (the encoder E: test.py evaluates model_full.model); the projection `head`, W-MSE's "
                 "`whitening`, and BYOL's target copy `model_t` / `head_t` and predictor `pred` are dropped",
         resave=_RESAVE_STATE.format(what="state dict", how="torch.save(model.state_dict(), 'wmse.pt')"),
@@ -81,8 +94,9 @@ FORMATS: dict[str, Format] = {f.name: f for f in [
         "github.com/UMBCvision/ISD@4bdd603: train_isd.py / train_isd_plus.py ISD module (encoder_q / encoder_k "
         "wrapped in nn.DataParallel, predict_q, queue buffers), eval_knn.py / eval_linear.py keep encoder_q",
         containers=("state_dict", "model"),
-        keep=(("encoder_q.module.", ""), ("encoder_q.", "")),
-        drop=("encoder_q.module.fc.", "encoder_q.fc.", "encoder_k.", "predict_q.", "queue", "labels"),
+        keep=(("encoder_q.", ""),),
+        drop=("encoder_q.fc.", "encoder_k.", "predict_q.", "queue", "labels"),
+        backbone="encoder_q.",
         encoder="`encoder_q`, the student (ISD's eval_knn.py and eval_linear.py evaluate it); the teacher "
                 "`encoder_k` (momentum copy), the predictor `predict_q`, the student's MLP `fc` (ISD+) and "
                 "the similarity queue are dropped",
@@ -95,7 +109,8 @@ FORMATS: dict[str, Format] = {f.name: f for f in [
         "checkpoint_data (model, momentum_model, optimizer_repr, schedulers) and src/model.py (`resnet`, "
         "fc = Identity)",
         containers=("model",),
-        keep=(("module.resnet.", ""), ("resnet.", "")),
+        keep=(("resnet.", ""),),
+        backbone="resnet.",
         drop=("proj_head_inv.", "proj_head_eq.", "proj_head_t.", "predictor_eq.", "predictor_inv."),
         encoder="`model.resnet`, the online encoder (EquiMod's linear evaluation runs model.resnet); the "
                 "invariance / equivariance heads and predictors are dropped, BYOL's `momentum_model` "
@@ -109,7 +124,10 @@ FORMATS: dict[str, Format] = {f.name: f for f in [
         "Identity; BaseMomentumMethod `momentum_backbone`), solo/methods/*.py heads",
         containers=("state_dict",),
         keep=(("backbone.", ""),),
-        drop=("momentum_backbone.", "projector.", "momentum_projector.", "predictor.", "classifier.",
+        backbone="backbone.",
+        fallbacks=(("encoder.", "solo-learn <= 1.0.4 names the online backbone `encoder` (`momentum_encoder` "
+                                "dropped)"),),
+        drop=("momentum_backbone.", "momentum_encoder.", "projector.", "momentum_projector.", "predictor.", "classifier.",
               "momentum_classifier.", "head.", "momentum_head.", "prototypes.", "queue", "whitening.",
               "transformer_encoder.", "decoder", "mask_token"),
         encoder="`backbone` (the online network: what solo-learn's main_knn.py, main_linear.py and online "
@@ -117,9 +135,10 @@ FORMATS: dict[str, Format] = {f.name: f for f in [
                 "dropped",
         resave=_RESAVE_STATE.format(what="state dict",
                                     how="torch.save(torch.load(path, weights_only=False)['state_dict'], 'solo.pt')"),
-        small_stem_note="solo-learn's CIFAR stem is a 3x3 conv with padding 2 (solo/methods/base.py), ssl-zoo's "
-                        "3x3 stems pad by 1: the weights fit, but the features are not solo-learn's own for CIFAR "
-                        "models (ImageNet-stem models are identical)",
+        small_stem_refusal="solo-learn's CIFAR ResNets pad their 3x3 stem by 2 (solo/methods/base.py: "
+                           "nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=2), maxpool Identity) and every "
+                           "ssl-zoo 3x3-stem arch pads by 1, so the features would differ (~11%); not converted. "
+                           "ImageNet-stem solo-learn models convert (--arch resnet18 / resnet50)",
     ),
     Format(
         "lightly", "lightly (LightningModule) .ckpt files: benchmarks and examples with a torchvision ResNet",
@@ -130,6 +149,9 @@ FORMATS: dict[str, Format] = {f.name: f for f in [
         keep=(("backbone.0.", "conv1."), ("backbone.1.", "bn1."), ("backbone.4.", "layer1."),
               ("backbone.5.", "layer2."), ("backbone.6.", "layer3."), ("backbone.7.", "layer4."),
               ("backbone.", "")),
+        backbone="backbone.",
+        fallbacks=(("teacher_backbone.", "lightly's DINO example (student_backbone / teacher_backbone): DINO "
+                                         "evaluates the teacher; --keep student_backbone. for the student"),),
         drop=("backbone_momentum.", "projection_head.", "projection_head_momentum.", "prediction_head.",
               "online_classifier.", "teacher_backbone.", "teacher_head.", "teacher_projection_head.",
               "student_backbone.", "student_head.", "student_projection_head.", "key_backbone.",
@@ -148,8 +170,9 @@ FORMATS: dict[str, Format] = {f.name: f for f in [
         "torchvision", "a plain torchvision ResNet state dict (model.state_dict(), e.g. resnet50-*.pth)",
         "torchvision.models.resnet (conv1, bn1, layer1-4, fc)",
         containers=("state_dict", "model"),
-        keep=(("module.", ""), ("", "")),
-        drop=("fc.", "module.fc."),
+        keep=(("", ""),),
+        drop=("fc.",),
+        preprocessing=dict(input_size=224, resize_size=256, **_IMAGENET_MEAN_STD, interpolation="bilinear"),
         encoder="the whole network; the classifier `fc` is dropped",
         resave=_RESAVE_STATE.format(what="state dict", how="torch.save(model.state_dict(), 'resnet.pth')"),
     ),
@@ -161,6 +184,8 @@ FORMATS: dict[str, Format] = {f.name: f for f in [
         containers=("state_dict", "model"),
         keep=(("", ""),),
         drop=("fc.",),
+        # timm's pretrained_cfg of resnet18 / resnet50 (a1_in1k, timm 1.0.31): 224 px, crop_pct 0.95 -> 235, bicubic
+        preprocessing=dict(input_size=224, resize_size=235, **_IMAGENET_MEAN_STD, interpolation="bicubic"),
         encoder="the whole network (`state_dict`, not `state_dict_ema`, for a train.py checkpoint); the "
                 "classifier `fc` is dropped",
         resave=_RESAVE_STATE.format(what="state dict", how="torch.save(model.state_dict(), 'timm_resnet.pth')"),
@@ -173,6 +198,46 @@ def get_format(name: str) -> Format:
         raise UnknownNameError(f"unknown checkpoint format {name!r}; did you mean {closest(name, FORMATS)}? "
                                f"Known: {', '.join(FORMATS)}")
     return FORMATS[name]
+
+
+PREPROCESSING = ("input_size", "resize_size", "mean", "std", "interpolation")
+
+
+def preprocessing_for(form: Format, arch: str, spec: Any, overrides: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """(input_size, resize_size, mean, std, interpolation) the converted folder records, and where they come from.
+
+    The registry row's with `--name`; else the format's own (timm, torchvision: ImageNet models) for an
+    ImageNet-stem arch; else the dataset `arch` is trained on (its first registry row by tag order: CIFAR
+    archs -> c10, ImageNet archs -> in1k). Flags override any of them.
+    """
+    from zoo.backbones import get_arch
+    from zoo.registry import TAG_ORDER, get_dataset, registry
+
+    small = get_arch(arch).small_stem
+    if spec is not None:
+        base, origin = {k: getattr(spec, k) for k in PREPROCESSING}, f"registry row {spec.name}"
+    elif form.preprocessing is not None and not small:  # a 3x3 stem is not one of the format's ImageNet models
+        base, origin = dict(form.preprocessing), f"{form.name} defaults"
+    else:
+        tags = sorted((s.tag for s in registry().values() if s.arch == arch), key=TAG_ORDER.index)
+        tag = tags[0] if tags else ("c10" if small else "in1k")
+        row = get_dataset(tag).preprocessing()
+        base, origin = {k: row[k] for k in PREPROCESSING}, f"{get_dataset(tag).display} (the dataset of {arch})"
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "input_size" in given and "resize_size" not in given:  # keep the crop ratio of the defaults
+        given["resize_size"] = round(given["input_size"] * base["resize_size"] / base["input_size"])
+    prep = {**base, **given}
+    prep["mean"], prep["std"] = [float(v) for v in prep["mean"]], [float(v) for v in prep["std"]]
+    if len(prep["mean"]) != 3 or len(prep["std"]) != 3 or min(prep["std"]) <= 0:
+        raise ConversionError(f"mean {prep['mean']} / std {prep['std']}: pass three values each (--mean R G B, "
+                              f"--std R G B), std > 0")
+    if not 0 < prep["input_size"] <= prep["resize_size"]:
+        raise ConversionError(f"input size {prep['input_size']} must be > 0 and <= the resize size "
+                              f"{prep['resize_size']} (the centre crop is taken from the resized image); fix "
+                              f"--input-size or --resize-size")
+    if given:
+        origin += f", overridden: {', '.join(sorted(given))}"
+    return prep, origin
 
 
 # ------------------------------------------------------------------------------------------ reading

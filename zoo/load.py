@@ -67,12 +67,17 @@ def _read_config(path: Path) -> dict:
     return config
 
 
-def _unmeasured(spec: ModelSpec, sha: str, why: str) -> ModelSpec:
-    """`spec` for bytes nobody measured: the method/arch and preprocessing stay, no metrics, recipe or minutes."""
+def _unmeasured(spec: ModelSpec, sha: str, why: str, config: dict | None = None) -> ModelSpec:
+    """`spec` for bytes nobody measured: the method/arch and preprocessing stay, no metrics, recipe or minutes.
+
+    A converted folder's `extra.converted_from` (format, source sha256, encoder, where its preprocessing
+    came from) is provenance, not a measurement: it stays."""
     log.info("%s", why)
+    extra = (config or {}).get("extra")
+    kept = {"converted_from": extra["converted_from"]} if isinstance(extra, dict) and "converted_from" in extra else {}
     return replace(spec, name=spec.short_name if spec.name == f"{spec.short_name}.{spec.tag}" else spec.name,
                    sha256=sha, metrics={}, train_minutes=None, recipe="", has_weights=False,
-                   extra={"unmeasured": why})
+                   extra={"unmeasured": why, **kept})
 
 
 def _weights_from_path(path: Path, spec: ModelSpec) -> tuple[Path, ModelSpec]:
@@ -132,7 +137,7 @@ def _weights_from_path(path: Path, spec: ModelSpec) -> tuple[Path, ModelSpec]:
     if claimed and claimed == spec.name and spec.sha256:
         return weights, _unmeasured(ModelSpec.from_dict(row), actual, (
             f"{where} is not the registry's weights of {spec.name}: its config's metrics were not measured on "
-            f"these bytes by the registry; loaded with the folder's preprocessing and no metrics"))
+            f"these bytes by the registry; loaded with the folder's preprocessing and no metrics"), config)
     # The folder's own claims, written beside these bytes (a private export, or `zoo convert`'s provenance).
     measured = {"metrics": {}, "train_minutes": None, "recipe": "", "extra": {}, "has_weights": True,
                 **{k: config[k] for k in _MEASURED if k in config}}

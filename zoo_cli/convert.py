@@ -13,7 +13,9 @@ from zoo.convert_formats import FORMATS
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    convert(args.checkpoint, args.from_format, args.arch, args.out, name=args.name, drop=args.drop, force=args.force)
+    convert(args.checkpoint, args.from_format, args.arch, args.out, name=args.name, drop=args.drop, strip=args.strip,
+            keep=args.keep, input_size=args.input_size, resize_size=args.resize_size, mean=args.mean, std=args.std,
+            interpolation=args.interpolation, force=args.force)
     return 0
 
 
@@ -35,5 +37,19 @@ def register(subparsers: Any) -> None:
                                                 "sets the arch, writes its config.json row and checkpoint.pt")
     p.add_argument("--drop", action="append", default=[], metavar="PREFIX",
                    help="also drop keys starting with PREFIX (a part the format's row does not know); repeatable")
+    p.add_argument("--strip", action="append", default=[], metavar="PREFIX",
+                   help="remove PREFIX from the keys that start with it (after module. / _orig_mod. / model. "
+                        "wrapper levels, which are removed by themselves); repeatable")
+    p.add_argument("--keep", default=None, metavar="PREFIX",
+                   help="keep only the keys under PREFIX and read them as the format's backbone, e.g. "
+                        "--keep student_backbone. (lightly DINO: the teacher is kept by default)")
+    pre = p.add_argument_group("preprocessing recorded in config.json (default: --name's registry row, else the "
+                               "format's (timm, torchvision), else the dataset of --arch)")
+    pre.add_argument("--input-size", type=int, default=None, help="centre-crop size in pixels")
+    pre.add_argument("--resize-size", type=int, default=None,
+                     help="shorter side before the crop (default: keeps the default crop ratio)")
+    pre.add_argument("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"))
+    pre.add_argument("--std", type=float, nargs=3, default=None, metavar=("R", "G", "B"))
+    pre.add_argument("--interpolation", choices=["bilinear", "bicubic", "nearest"], default=None)
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     p.set_defaults(func=_cmd_convert)
