@@ -58,7 +58,10 @@ def test_timm_defaults_and_arch_datasets_set_the_preprocessing(tmp_path):
     torch.save(state, tmp_path / "timm.pth")
     result = convert(tmp_path / "timm.pth", "timm", arch="resnet18", out=tmp_path / "timm", verbose=False)
     assert result.preprocessing == dict(input_size=224, resize_size=235, mean=list(IMAGENET_MEAN),
-                                        std=[0.229, 0.224, 0.225], interpolation="bicubic")
+                                        std=[0.229, 0.224, 0.225], interpolation="bicubic", tag="in1k",
+                                        dataset="imagenet-1k")
+    loaded = zoo.load("isd-resnet18", pretrained=tmp_path / "timm", device="cpu")
+    assert (loaded.spec.name, loaded.spec.tag, loaded.spec.dataset) == ("isd-resnet18", "in1k", "imagenet-1k")
     cifar = source_backbone(1, "resnet18_cifar").state_dict()
     torch.save({"model": {f"resnet.{k}": v for k, v in cifar.items()}}, tmp_path / "equimod.pt")
     result = convert(tmp_path / "equimod.pt", "equimod", arch="resnet18_cifar", out=tmp_path / "eq", verbose=False)

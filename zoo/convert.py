@@ -338,7 +338,8 @@ def convert(checkpoint: str | os.PathLike, fmt: str, arch: str | None = None, ou
             from zoo.load import load
 
             loaded = load(name, pretrained=tmp, device="cpu")
-            if {k: getattr(loaded.spec, k) for k in PREPROCESSING} != {**prep, "mean": tuple(prep["mean"]),
+            if {k: getattr(loaded.spec, k) for k in PREPROCESSING} != {**{k: prep[k] for k in PREPROCESSING},
+                                                                       "mean": tuple(prep["mean"]),
                                                                        "std": tuple(prep["std"])}:
                 raise ConversionError(f"zoo.load({name!r}, pretrained=...) does not take the converted folder's "
                                       f"preprocessing; report this")

@@ -215,18 +215,22 @@ def preprocessing_for(form: Format, arch: str, spec: Any, overrides: dict[str, A
 
     small = get_arch(arch).small_stem
     if spec is not None:
-        base, origin = {k: getattr(spec, k) for k in PREPROCESSING}, f"registry row {spec.name}"
+        base, origin, tag = {k: getattr(spec, k) for k in PREPROCESSING}, f"registry row {spec.name}", spec.tag
     elif form.preprocessing is not None and not small:  # a 3x3 stem is not one of the format's ImageNet models
-        base, origin = dict(form.preprocessing), f"{form.name} defaults"
+        base, origin, tag = dict(form.preprocessing), f"{form.name} defaults", "in1k"
     else:
         tags = sorted((s.tag for s in registry().values() if s.arch == arch), key=TAG_ORDER.index)
         tag = tags[0] if tags else ("c10" if small else "in1k")
         row = get_dataset(tag).preprocessing()
         base, origin = {k: row[k] for k in PREPROCESSING}, f"{get_dataset(tag).display} (the dataset of {arch})"
+    # The dataset the preprocessing belongs to: a loaded spec must not keep the row's (e.g. fmnist) by default.
+    base = {**base, "tag": tag, "dataset": get_dataset(tag).dataset}
     given = {k: v for k, v in overrides.items() if v is not None}
     if "input_size" in given and "resize_size" not in given:  # keep the crop ratio of the defaults
         given["resize_size"] = round(given["input_size"] * base["resize_size"] / base["input_size"])
     prep = {**base, **given}
+    if given:  # preprocessing of the user's choosing: no longer a known dataset's
+        prep["dataset"] = f"{prep['dataset']} (preprocessing overridden)"
     prep["mean"], prep["std"] = [float(v) for v in prep["mean"]], [float(v) for v in prep["std"]]
     if len(prep["mean"]) != 3 or len(prep["std"]) != 3 or min(prep["std"]) <= 0:
         raise ConversionError(f"mean {prep['mean']} / std {prep['std']}: pass three values each (--mean R G B, "

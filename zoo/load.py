@@ -75,7 +75,7 @@ def _unmeasured(spec: ModelSpec, sha: str, why: str, config: dict | None = None)
     log.info("%s", why)
     extra = (config or {}).get("extra")
     kept = {"converted_from": extra["converted_from"]} if isinstance(extra, dict) and "converted_from" in extra else {}
-    return replace(spec, name=spec.short_name if spec.name == f"{spec.short_name}.{spec.tag}" else spec.name,
+    return replace(spec, name=spec.short_name if spec.name.startswith(f"{spec.short_name}.") else spec.name,
                    sha256=sha, metrics={}, train_minutes=None, recipe="", has_weights=False,
                    extra={"unmeasured": why, **kept})
 
@@ -125,7 +125,7 @@ def _weights_from_path(path: Path, spec: ModelSpec) -> tuple[Path, ModelSpec]:
             f"{where} is not the registry's weights of {spec.name}: it gets {own} preprocessing "
             f"({spec.input_size} px, mean {list(spec.mean)}, std {list(spec.std)}) and claims no metrics; pass a "
             f"folder with a config.json (zoo convert writes one) to set its preprocessing"))
-    row = {**spec.to_dict(), **{k: config[k] for k in _PREPROCESSING if k in config}}
+    row = {**spec.to_dict(), **{k: config[k] for k in (*_PREPROCESSING, "tag", "dataset") if k in config}}
     if "method" in config and config["method"] != spec.method:
         raise CheckpointMismatchError(f"{path / 'config.json'} is method {config['method']!r}, not {spec.method!r}; "
                                       f"load it as {config['method']}-{spec.arch}")
