@@ -55,3 +55,14 @@ def test_embed_copies_device_features_to_the_host():
     model = OnDevice(zoo.load("equimod-byol-resnet18_narrow.fmnist", device="cpu"))
     emb = zoo.embed(model, torch.zeros(3, 28, 28, dtype=torch.uint8), progress=False)
     assert type(emb.features) is torch.Tensor and emb.features.numpy().shape == (3, 256)
+
+
+def test_evaluation_and_feature_maps_copy_device_features_to_the_host():
+    from zoo.eval import evaluate_model
+
+    model = OnDevice(zoo.load("equimod-byol-resnet18_narrow.fmnist", device="cpu"))
+    res = evaluate_model(model, limit_train=300, limit_test=100, progress=False)
+    assert 0 <= res["knn_k20"] <= 100 and 0 <= res["linear"] <= 100
+    emb = zoo.embed(model.model, torch.zeros(2, 28, 28, dtype=torch.uint8), layer="layer3", pool="gem",
+                    progress=False)
+    assert emb.features.shape[0] == 2
