@@ -211,8 +211,16 @@ def export_model(checkpoint: str | os.PathLike, name: str, *, results: str | os.
                             weights_bytes=weights.stat().st_size, onnx_bytes=onnx_path.stat().st_size)
         build_card(row, ckpt, measured, facts).save(tmp / CARD_FILE)
 
-        # The folder as users will load it: config.json's sha256 checked, strict keys, same features.
-        reloaded = load(name, pretrained=tmp, device="cpu")
+        # The folder as users will load it: config.json's sha256 checked, strict keys, same features. The
+        # registry row is recorded only after this check, so zoo.load's "not the registry's weights" note
+        # would describe the moment, not the export: keep it out of the export's output.
+        quiet = logging.getLogger("zoo")
+        level = quiet.level
+        quiet.setLevel(max(level, logging.WARNING))
+        try:
+            reloaded = load(name, pretrained=tmp, device="cpu")
+        finally:
+            quiet.setLevel(level)
         probe = torch.randn(4, 3, spec.input_size, spec.input_size, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             if not torch.equal(reloaded(probe), published(probe)):
