@@ -39,6 +39,15 @@ class ExportFacts:
     parity: dict[str, tuple[int, float]]  # input kind -> (number of inputs, max |onnx - torch|)
     weights_bytes: int
     onnx_bytes: int
+    onnx_in_folder: bool = True  # False: left out of the folder (kept out of git), built on first use
+
+
+def _onnx_where(facts: ExportFacts) -> str:
+    if facts.onnx_in_folder:
+        return "in this folder"
+    return ("built on first use: not in ssl-zoo's git folder (kept out of git for its size); `zoo publish` builds it "
+            "from `model.safetensors`, with the same check, before uploading, so the Hub repository has it; "
+            "`zoo.embed(model, x, backend=\"onnx\")` builds it in the local cache")
 
 
 def _dataset_row(spec: ModelSpec) -> DatasetRow | None:
@@ -231,11 +240,11 @@ Protocol: {protocol}
 {protocol_knn_section(results)}{transfer_section(results, base)}
 ## Files
 
-| file | what |
-|---|---|
-| `model.safetensors` | backbone weights, {weights_dtype}, {facts.weights_bytes / 1e6:.1f} MB, sha256 `{facts.sha256}` |
-| `model.onnx` | the same backbone as ONNX (opset {facts.onnx_opset}, dynamic batch), {facts.onnx_bytes / 1e6:.1f} MB; checked against PyTorch with onnxruntime at export: {parity_rows} |
-| `config.json` | the ssl-zoo registry row: arch, feature dim, input size, mean/std, interpolation, method, tag, recipe, sha256, metrics |
+| file | where | what |
+|---|---|---|
+| `model.safetensors` | in this folder | backbone weights, {weights_dtype}, {facts.weights_bytes / 1e6:.1f} MB, sha256 `{facts.sha256}` |
+| `model.onnx` | {_onnx_where(facts)} | the same backbone as ONNX (opset {facts.onnx_opset}, dynamic batch), {facts.onnx_bytes / 1e6:.1f} MB; checked against PyTorch with onnxruntime at export: {parity_rows} |
+| `config.json` | in this folder | the ssl-zoo registry row: arch, feature dim, input size, mean/std, interpolation, method, tag, recipe, sha256, metrics |
 
 ## Use without ssl-zoo
 

@@ -142,9 +142,23 @@ def _read_source(checkpoint: str | os.PathLike, spec: Any, results: str | os.Pat
     return ckpt, measured, fp16
 
 
+def write_onnx(model: torch.nn.Module, spec: Any, path: Path, opset: int, weights_dtype: str,
+               atol: float) -> dict[str, tuple[int, float]]:
+    """Export `model` to `path` and check it against PyTorch: input kind -> (number of inputs, max |diff|)."""
+    from zoo import onnx as zoo_onnx
+
+    zoo_onnx.export_onnx(model, path, spec.input_size, opset=opset, weights_dtype=weights_dtype)
+    parity = {}
+    for kind, inputs in parity_inputs(spec).items():
+        batch = 16 if kind == "random" else 64
+        parity[kind] = (int(inputs.shape[0]), zoo_onnx.check_onnx_parity(model, path, inputs, atol=atol,
+                                                                          batch_size=batch))
+    return parity
+
+
 def export_model(checkpoint: str | os.PathLike, name: str, *, results: str | os.PathLike | None = None,
                  fp16: bool = False, out_dir: str | os.PathLike | None = None, opset: int = 17, atol: float = 1e-4,
-                 force: bool = False, update_registry: bool = True) -> ExportResult:
+                 force: bool = False, update_registry: bool = True, onnx_in_folder: bool = True) -> ExportResult:
     """Write `<out_dir or model_cards/>/<name>/` from a trainer checkpoint and record it in the registry.
 
     `checkpoint` may also be a folder written by `zoo export` (a shipped model whose run is gone): the
@@ -154,15 +168,19 @@ def export_model(checkpoint: str | os.PathLike, name: str, *, results: str | os.
 
     `results` is the evaluation's results.json (default: results.json beside the checkpoint; absent
     means "not measured"). `fp16` stores the weights in half precision (they load back as fp32).
+    `onnx_in_folder=False` exports and checks the ONNX file but leaves it out of the folder (a large
+    model kept out of git): config.json and the card say it is built on first use, and `zoo publish`
+    builds it from the weights, with the same check, before uploading.
     """
     from export.card import ExportFacts, build_card
-    from zoo import onnx as zoo_onnx
     from zoo.backbones import create_backbone
     from zoo.hub import model_cards_dir, sha256_file
     from zoo.load import load, load_weights_into
 
     spec = _full_spec(name)
     ckpt, measured, fp16 = _read_source(checkpoint, spec, results, fp16)
+    if is_exported_folder(checkpoint) and onnx_built_on_first_use(_read_config(Path(checkpoint))):
+        onnx_in_folder = False  # a re-card keeps the folder's choice, as it keeps its precision
     model = create_backbone(spec.arch)
     load_weights_into(model, ckpt.backbone, str(ckpt.path))  # strict: names every missing or mis-shaped key
 
@@ -191,13 +209,8 @@ def export_model(checkpoint: str | os.PathLike, name: str, *, results: str | os.
         published.eval()
         published.spec = spec
 
-        onnx_path = zoo_onnx.export_onnx(published, tmp / ONNX_FILE, spec.input_size, opset=opset,
-                                         weights_dtype=dtype)
-        parity = {}
-        for kind, inputs in parity_inputs(spec).items():
-            batch = 16 if kind == "random" else 64
-            parity[kind] = (int(inputs.shape[0]), zoo_onnx.check_onnx_parity(published, onnx_path, inputs, atol=atol,
-                                                                              batch_size=batch))
+        onnx_path = tmp / ONNX_FILE
+        parity = write_onnx(published, spec, onnx_path, opset, dtype, atol)
 
         row = replace(spec, sha256=sha, metrics=dict(measured.metrics), train_minutes=measured.train_minutes,
                       has_weights=True,
@@ -205,11 +218,15 @@ def export_model(checkpoint: str | os.PathLike, name: str, *, results: str | os.
                              "format_version": FORMAT_VERSION, "steps": ckpt.step, "epochs": ckpt.epoch,
                              "monitor_knn": ckpt.monitor_knn, "results": measured.to_json(),
                              "onnx": {"file": ONNX_FILE, "opset": opset, "input": "images", "output": "features",
+                                      "in_folder": onnx_in_folder, "atol": atol,
                                       "max_abs_diff": {k: v[1] for k, v in parity.items()}}})
         (tmp / CONFIG_FILE).write_text(json.dumps(row.to_dict(), indent=2) + "\n")
         facts = ExportFacts(sha256=sha, weights_dtype=dtype, onnx_opset=opset, parity=parity,
-                            weights_bytes=weights.stat().st_size, onnx_bytes=onnx_path.stat().st_size)
+                            weights_bytes=weights.stat().st_size, onnx_bytes=onnx_path.stat().st_size,
+                            onnx_in_folder=onnx_in_folder)
         build_card(row, ckpt, measured, facts).save(tmp / CARD_FILE)
+        if not onnx_in_folder:
+            onnx_path.unlink()
 
         # The folder as users will load it: config.json's sha256 checked, strict keys, same features. The
         # registry row is recorded only after this check, so zoo.load's "not the registry's weights" note
@@ -239,6 +256,29 @@ def export_model(checkpoint: str | os.PathLike, name: str, *, results: str | os.
 
 # ---------------------------------------------------------------- publish
 
+def _with_onnx(folder: Path, config: dict[str, Any], staging: Path) -> Path:
+    """A copy of `folder` in `staging` with the model.onnx its export left out, built from its weights and
+    checked against PyTorch as the export checked it: the Hub repository gets every file the card lists."""
+    from zoo.backbones import create_backbone
+    from zoo.load import load_weights_into
+    from zoo.registry import ModelSpec
+
+    for f in REPO_FILES:
+        if f != ONNX_FILE:
+            shutil.copyfile(folder / f, staging / f)
+    spec = ModelSpec.from_dict(config)
+    onnx = config["extra"]["onnx"]
+    model = create_backbone(spec.arch)
+    state, _ = load_backbone(staging / WEIGHTS_FILE)
+    load_weights_into(model, state, str(staging / WEIGHTS_FILE))
+    model.eval()
+    model.spec = spec  # the ONNX metadata carries its preprocessing, as at export
+    log.info("building %s/%s from its weights before the upload", folder, ONNX_FILE)
+    write_onnx(model, spec, staging / ONNX_FILE, int(onnx.get("opset", 17)),
+               str(config["extra"].get("weights_dtype", "float32")), float(onnx.get("atol", 1e-4)))
+    return staging
+
+
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
@@ -250,21 +290,32 @@ class PublishResult:
     url: str | None
 
 
+def onnx_built_on_first_use(config: dict[str, Any]) -> bool:
+    """True when the export left model.onnx out of the folder (config.json's `extra.onnx.in_folder`)."""
+    return (config.get("extra") or {}).get("onnx", {}).get("in_folder", True) is False
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{folder / CONFIG_FILE} is not valid JSON ({e}); export the model again") from e
+
+
 def check_folder(folder: str | os.PathLike) -> dict[str, Any]:
-    """A folder written by `zoo export`: every file present, weights matching config.json's sha256."""
+    """A folder written by `zoo export`: every file present (model.onnx unless the export left it to be
+    built on first use), weights matching config.json's sha256."""
     from zoo.hub import sha256_file
 
     folder = Path(folder)
     if not folder.is_dir():
         raise ExportError(f"{folder} is not a folder; pass model_cards/NAME as written by `zoo export`")
-    missing = [f for f in REPO_FILES if not (folder / f).is_file()]
+    config = _read_config(folder) if (folder / CONFIG_FILE).is_file() else {}
+    expected = [f for f in REPO_FILES if not (f == ONNX_FILE and onnx_built_on_first_use(config))]
+    missing = [f for f in expected if not (folder / f).is_file()]
     if missing:
         raise ExportError(f"{folder} lacks {', '.join(missing)}; write it with `zoo export CHECKPOINT --name NAME` "
                           f"(or rebuild it from the folder's weights: `zoo export {folder} --name NAME --force`)")
-    try:
-        config = json.loads((folder / CONFIG_FILE).read_text())
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{folder / CONFIG_FILE} is not valid JSON ({e}); export the model again") from e
     if not config.get("sha256") or sha256_file(folder / WEIGHTS_FILE) != config["sha256"]:
         raise ExportError(f"{folder / WEIGHTS_FILE} does not match the sha256 in {CONFIG_FILE}; export the model "
                           f"again before publishing")
@@ -299,12 +350,20 @@ def publish_folder(folder: str | os.PathLike, repo_id: str | None = None, *, pri
         raise ZooError(f"cannot publish {folder}: HF_HUB_OFFLINE=1 is set; unset it (and connect) to publish")
     # Built per call, so the endpoint is read now (HF_ENDPOINT / constants.ENDPOINT), not at import time.
     api = HfApi(endpoint=endpoint, token=token)
+    staging, upload_dir = None, folder
+    if onnx_built_on_first_use(config) and not (folder / ONNX_FILE).is_file():
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.publish-"))
+        try:
+            upload_dir = _with_onnx(folder, config, staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision is not None and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         info = api.upload_folder(
-            repo_id=repo_id, folder_path=folder, revision=revision, repo_type="model",
+            repo_id=repo_id, folder_path=upload_dir, revision=revision, repo_type="model",
             allow_patterns=list(REPO_FILES),  # only the exported files, never stray temp or editor files
             commit_message=commit_message or f"Publish {config.get('name', folder.name)} "
                                              f"(sha256 {config['sha256'][:12]})")
@@ -318,5 +377,8 @@ def publish_folder(folder: str | os.PathLike, repo_id: str | None = None, *, pri
         reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
         raise ZooError(f"publishing {folder} to {repo_id} failed: the Hub ({api.endpoint}) cannot be reached "
                        f"({type(e).__name__}: {reason}); check your network or HF_ENDPOINT, then retry") from None
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     commit = getattr(info, "oid", None)
     return PublishResult(repo_id=repo_id, commit=commit, url=getattr(info, "commit_url", None))

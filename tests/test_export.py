@@ -501,3 +501,70 @@ def test_results_of_two_sets_of_weights_name_both_on_the_card(tmp_path):
     update_results(path, {"linear": 85.0, "measured_on": "model.safetensors (sha256 abc..., loaded as torch.float32)"})
     measured = read_results(path).measured_on
     assert "training checkpoint" in measured and "then model.safetensors" in measured
+
+
+def _card_files(card: str) -> dict[str, str]:
+    """The card's Files table: file name -> its 'where' cell."""
+    section = card.split("## Files", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| `")]
+    return {cells[0].strip("| `"): cells[1] for cells in rows}
+
+
+def test_onnx_on_first_use_is_checked_left_out_of_the_folder_and_said_on_the_card(env, tmp_path):
+    from export.publish import check_folder, export_model, onnx_built_on_first_use
+
+    ckpt = make_checkpoint(tmp_path / "run", results=RESULTS)
+    result = export_model(ckpt.parent, NAME, onnx_in_folder=False)
+    folder = result.folder
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert len(result.parity) == 2 and max(d for _, d in result.parity.values()) < 1e-4  # still checked
+    config = check_folder(folder)  # complete without model.onnx: the config says it is built on first use
+    assert onnx_built_on_first_use(config) and config["extra"]["onnx"]["max_abs_diff"]["random"] < 1e-4
+    where = _card_files((folder / "README.md").read_text())
+    assert where["model.safetensors"] == where["config.json"] == "in this folder"
+    assert where["model.onnx"].startswith("built on first use") and "zoo publish" in where["model.onnx"]
+    full = export_model(ckpt.parent, NAME, out_dir=tmp_path / "full").folder  # the default keeps the file
+    assert (full / "model.onnx").is_file() and _card_files((full / "README.md").read_text())["model.onnx"] == \
+        "in this folder"
+
+
+def test_re_carding_a_folder_keeps_its_onnx_on_first_use(env):
+    from export.publish import check_folder, export_model, onnx_built_on_first_use
+
+    name = "isd-resnet18_narrow.fmnist"
+    folder = _shipped_copy(env, name)
+    (folder / "model.onnx").unlink()
+    config = json.loads((folder / "config.json").read_text())
+    config["extra"]["onnx"]["in_folder"] = False
+    (folder / "config.json").write_text(json.dumps(config))
+    export_model(folder, name, force=True)  # a re-card keeps the choice, as it keeps the precision
+    assert not (folder / "model.onnx").exists() and onnx_built_on_first_use(check_folder(folder))
+    assert _card_files((folder / "README.md").read_text())["model.onnx"].startswith("built on first use")
+
+
+@pytest.mark.parametrize("name", zoo.list_models(pretrained_only=True) or ["(none shipped)"])
+def test_every_shipped_card_lists_only_files_in_its_folder_or_built_on_first_use(name):
+    if name == "(none shipped)":
+        pytest.skip("no weights shipped yet")
+    folder = Path(__file__).resolve().parents[1] / "model_cards" / name  # the repository's, not a test's
+    config = json.loads((folder / "config.json").read_text())
+    tracked = set(subprocess_lines(["git", "ls-files", "--", str(folder)], cwd=folder)) or None
+    for file, where in _card_files((folder / "README.md").read_text()).items():
+        if where == "in this folder":
+            assert (folder / file).is_file(), f"{name}'s card lists {file} in its folder, which lacks it"
+            if tracked is not None:
+                assert file in tracked, f"{name}'s card lists {file} in its folder, but git does not track it"
+        else:
+            assert where.startswith("built on first use") and file == "model.onnx", (name, file, where)
+            assert config["extra"]["onnx"]["in_folder"] is False
+
+
+def subprocess_lines(cmd: list[str], cwd: Path) -> list[str]:
+    """Base names of the files `cmd` prints (empty when git is missing or this is not a checkout)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    return [Path(line).name for line in out.splitlines()]

@@ -237,3 +237,18 @@ def test_publish_offline_or_without_network_is_one_line_naming_the_fix(exported,
 def test_load_without_a_name_says_what_a_name_is():
     with pytest.raises(TypeError, match="needs a model name such as"):
         zoo.load(None)
+
+
+def test_publish_builds_the_onnx_an_export_left_to_first_use_and_uploads_every_card_file(hub, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    from export.publish import export_model, publish_folder
+
+    isolate(monkeypatch, tmp_path / "cards")
+    ckpt = make_checkpoint(tmp_path / "run", results={"knn_k20": 71.25})
+    folder = export_model(ckpt.parent, NAME, onnx_in_folder=False).folder
+    full = export_model(ckpt.parent, NAME, out_dir=tmp_path / "full", update_registry=False).folder
+    publish_folder(folder, REPO)
+    assert sorted(s.rfilename for s in HfApi().model_info(REPO).siblings) == [".gitattributes", *FILES]
+    assert hub.file_bytes(REPO, "model.onnx") == (full / "model.onnx").read_bytes()  # the export's own bytes
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]

@@ -14,7 +14,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from export.publish import export_model
 
     result = export_model(args.checkpoint, args.name, results=args.results, fp16=args.fp16, out_dir=args.out,
-                          opset=args.opset, force=args.force, update_registry=not args.no_registry)
+                          opset=args.opset, force=args.force, update_registry=not args.no_registry,
+                          onnx_in_folder=not args.onnx_on_first_use)
     spec = result.spec
     parity = ", ".join(f"{kind} ({n}) {diff:.1e}" for kind, (n, diff) in result.parity.items())
     measured = ", ".join(f"{k} {v:.2f}" for k, v in spec.metrics.items()) or "no results.json: not measured"
@@ -55,6 +56,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 17 (default 17)")
     p.add_argument("--force", action="store_true", help="replace an existing model_cards/NAME/")
     p.add_argument("--no-registry", action="store_true", help="do not update zoo/pretrained.json")
+    p.add_argument("--onnx-on-first-use", action="store_true",
+                   help="check the ONNX export but leave model.onnx out of the folder (a large model kept out of "
+                        "git); the card says so and `zoo publish` builds it before uploading (a re-card keeps "
+                        "the folder's choice)")
     p.set_defaults(func=_cmd_export)
 
     p = subparsers.add_parser(
