@@ -47,7 +47,7 @@ def _onnx_where(facts: ExportFacts) -> str:
         return "in this folder"
     return ("built on first use: not in ssl-zoo's git folder (kept out of git for its size); `zoo publish` builds it "
             "from `model.safetensors`, with the same check, before uploading, so the Hub repository has it; "
-            "`zoo.embed(model, x, backend=\"onnx\")` builds it in the local cache")
+            "`zoo.embed(model, x, backend=\"onnxruntime\")` builds it in the local cache")
 
 
 def _dataset_row(spec: ModelSpec) -> DatasetRow | None:
