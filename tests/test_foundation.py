@@ -263,3 +263,15 @@ def test_fashion_mnist_split_takes_the_first_or_last_n_and_refuses_a_negative_li
     assert len(fashion_mnist_split("test")) == 10000 and len(fashion_mnist_split("test", 0)) == 0
     with pytest.raises(ValueError, match="limit"):
         fashion_mnist_split("test", -5)
+
+
+@pytest.mark.parametrize("name", zoo.list_models())
+def test_every_registry_row_preprocesses_at_the_size_its_recipe_trains(name):
+    # The row's input size is what zoo.load's preprocess feeds the network; the recipe's first (global) view is
+    # what it learned on, and its k-NN monitor's eval.input_size what it was watched at: one size for all three.
+    from training.recipe import load_recipe
+
+    spec = zoo.get_spec(name)
+    recipe = load_recipe(spec.recipe)
+    assert recipe["augment"]["views"][0]["crop_size"] == spec.input_size, (spec.recipe, spec.input_size)
+    assert recipe.get("eval", {}).get("input_size", spec.input_size) == spec.input_size
