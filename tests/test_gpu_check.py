@@ -20,3 +20,20 @@ def test_gpu_check_quick_runs_every_check_on_cpu_and_prints_one_table():
     assert any("precision check int8" in r for r in rows) and any("Index(device='auto')" in r for r in rows)
     failed = [r for r in rows if "| **no** |" in r]
     assert res.returncode == 0 and not failed, "\n".join(failed) or res.stderr[-2000:]
+
+
+def test_gpu_check_compile_row_reports_the_compiled_speed_beside_eager(monkeypatch):
+    import importlib.util
+
+    import torch
+
+    import training.compile
+
+    monkeypatch.setattr(training.compile, "BACKEND", "eager")  # the plumbing; inductor's codegen is the GPU's job
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "tools" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    torch._dynamo.reset()
+    (row,) = gpu_check.check_compile(("simclr",), steps=2, batch=64, dataset="synthetic")
+    torch._dynamo.reset()
+    assert row["ok"] and "x eager's step" in row["result"] and "s compiling" in row["result"], row

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from training.augment import build_augment
+from training.compile import compile_mode, compile_networks, without_run_only_keys
 from training.data import BatchPlan, build_dataset, iterate_batches
 from training.methods import get_method_class
 from training.optim import build_optimizer, lr_factor
@@ -109,6 +110,7 @@ class Trainer:
         self.device = init_from_env()
         self.rank, self.world = rank(), world_size()
         tcfg = recipe["train"]
+        self.compile_mode = compile_mode(tcfg.get("compile"))  # checked before any work: a bad value fails at once
         self.seed = int(tcfg.get("seed", 0))
         torch.manual_seed(self.seed)
 
@@ -135,8 +137,8 @@ class Trainer:
             self.method = self.method.to(memory_format=torch.channels_last)
         self.method, self.model = wrap_distributed(self.method, self.device)  # before the optimiser: SyncBN swaps modules
         self.optimizer, self.base_lrs = build_optimizer(self.method, recipe["optim"], int(data_cfg["batch_size"]))
-        if tcfg.get("compile"):
-            self.model = torch.compile(self.model)
+        if self.compile_mode:
+            compile_networks(self.method, self.compile_mode)
         self.precision = tcfg.get("precision", "fp32")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
@@ -178,9 +180,11 @@ class Trainer:
             raise ZooError(f"nothing to resume in {self.out} (no {CHECKPOINT_FILE}); start the run without "
                            f"--resume")
         ckpt = load_checkpoint(path)
-        if ckpt["recipe_hash"] != config_hash(self.recipe):
+        if (ckpt["recipe_hash"] != config_hash(self.recipe)
+                and config_hash(without_run_only_keys(json.loads(ckpt["recipe_json"])))
+                != config_hash(without_run_only_keys(self.recipe))):
             raise ZooError(f"the recipe differs from the one {self.out} was started with; resume without --set "
-                           f"overrides (the saved recipe is {self.out / 'recipe.yaml'})")
+                           f"overrides other than train.compile (the saved recipe is {self.out / 'recipe.yaml'})")
         self.method.load_state_dict(ckpt["method"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])

@@ -30,7 +30,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from zoo_cli.bench.train import bench_train
 
     bench_train(args.methods or None, steps=args.steps, batch_size=args.batch_size, dataset=args.dataset,
-                bf16=args.bf16)
+                bf16=args.bf16, compile_mode=args.compile_mode or ("default" if args.compile else None))
     return 0
 
 
@@ -67,4 +67,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dataset", default=None, help="e.g. synthetic (tiny smoke runs)")
     p.add_argument("--bf16", action="store_true", help="also time each step under bf16 autocast + channels-last and "
                                                        "print the speed-up over the recipe")
+    p.add_argument("--compile", action="store_true", help="also time each step with train.compile (torch.compile of "
+                                                          "the networks) and print the speed-up and compile seconds")
+    p.add_argument("--compile-mode", default=None, help="the torch.compile mode for --compile (implies it): default, "
+                                                        "reduce-overhead, max-autotune, max-autotune-no-cudagraphs")
     p.set_defaults(func=_cmd_train)
