@@ -76,8 +76,9 @@ def _measured_on(model: Any, args: argparse.Namespace) -> str:
     if args.weights and is_training_run(args.weights):
         return f"the fp32 weights of the training checkpoint `{Path(args.weights).name}`"
     dtype = {p.dtype for p in model.state_dict().values() if p.is_floating_point()}
-    source = Path(args.weights).name if args.weights else "the registry's file"
-    return f"{source} (sha256 {str(model.spec.sha256)[:12]}..., loaded as {'/'.join(sorted(map(str, dtype)))})"
+    source = Path(args.weights).name if args.weights else f"the shipped {model.spec.weights_file}"
+    loaded = "/".join(sorted(str(d).removeprefix("torch.") for d in dtype))
+    return f"{source} (sha256 {str(model.spec.sha256)[:12]}..., loaded as {loaded})"
 
 
 def _write_results(path: Path, res: dict[str, float], args: argparse.Namespace, measured_on: str | None) -> None:
