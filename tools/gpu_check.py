@@ -23,11 +23,20 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a clone without installing
 
-METHODS = ["wmse", "isd", "simclr", "byol", "equimod-simclr", "equimod-byol", "groco", "msbreg"]
+from zoo.registry import METHODS  # noqa: E402 - after the path line above
 
 
 def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+
+
+def _row(label: str, measure: Callable[[], tuple[bool, str]]) -> dict[str, Any]:
+    """One table row: `measure()` gives (ok, result); an exception becomes a failed row and the check goes on."""
+    try:
+        ok, result = measure()
+    except Exception as e:  # noqa: BLE001 - reported in the table
+        ok, result = False, _one_line(e)
+    return {"check": label, "ok": ok, "result": result}
 
 
 def _sync(device: torch.device) -> None:
@@ -59,8 +68,8 @@ def check_training(device: torch.device, steps: int, batch: int | None) -> list[
                      "train.channels_last=true", f"train.checkpoint_every={10 ** 9}", f"train.log_every={steps}"]
         if batch:
             overrides.append(f"data.batch_size={batch}")
-        row: dict[str, Any] = {"check": f"train {method}, {steps} steps, bf16 + channels-last"}
-        try:
+
+        def measure() -> tuple[bool, str]:
             recipe = load_recipe(ROOT / "training" / "recipes" / method / "fmnist.yaml", overrides)
             with tempfile.TemporaryDirectory() as tmp:
                 trainer = Trainer(recipe, tmp, progress=False)
@@ -68,12 +77,10 @@ def check_training(device: torch.device, steps: int, batch: int | None) -> list[
                 final = trainer.fit()
                 _sync(device)
                 seconds = time.perf_counter() - t0
-            row.update(ok=final["step"] == steps,
-                       result=f"{steps * trainer.plan.global_batch / seconds:.0f} img/s (batch "
-                              f"{trainer.plan.global_batch}, incl. the first steps' warm-up)")
-        except Exception as e:  # noqa: BLE001 - reported in the table, the check goes on
-            row.update(ok=False, result=_one_line(e))
-        rows.append(row)
+            return final["step"] == steps, (f"{steps * trainer.plan.global_batch / seconds:.0f} img/s (batch "
+                                            f"{trainer.plan.global_batch}, incl. the first steps' warm-up)")
+
+        rows.append(_row(f"train {method}, {steps} steps, bf16 + channels-last", measure))
     return rows
 
 
@@ -82,18 +89,12 @@ def check_compile(methods: tuple[str, ...], steps: int, batch: int | None = None
     """`zoo bench train --compile-mode reduce-overhead` (CUDA graphs on top of inductor) on a few recipes."""
     from zoo_cli.bench.train import bench_train
 
-    rows = []
-    for method in methods:
-        row: dict[str, Any] = {"check": f"train.compile reduce-overhead, {method}"}
-        try:
-            (r,) = bench_train([method], steps=steps, batch_size=batch, dataset=dataset, compile_mode="reduce-overhead")
-            row.update(ok=r["compile_speedup"] > 0,
-                       result=f"{r['compiled_images_per_s']:.0f} img/s, {r['compile_speedup']:.2f}x eager's step "
-                              f"(batch {r['batch']}), after {r['compile_s']:.0f} s compiling")
-        except Exception as e:  # noqa: BLE001 - reported in the table, the check goes on
-            row.update(ok=False, result=_one_line(e))
-        rows.append(row)
-    return rows
+    def measure(method: str) -> tuple[bool, str]:
+        (r,) = bench_train([method], steps=steps, batch_size=batch, dataset=dataset, compile_mode="reduce-overhead")
+        return r["compile_speedup"] > 0, (f"{r['compiled_images_per_s']:.0f} img/s, {r['compile_speedup']:.2f}x "
+                                          f"eager's step (batch {r['batch']}), after {r['compile_s']:.0f} s compiling")
+
+    return [_row(f"train.compile reduce-overhead, {m}", lambda m=m: measure(m)) for m in methods]
 
 
 def check_embedding(device: torch.device, image_size: int, n_images: int, batch: int) -> list[dict[str, Any]]:
@@ -122,18 +123,14 @@ def check_embedding(device: torch.device, image_size: int, n_images: int, batch:
     rows.append({"check": f"bare forward, ResNet-50 {image_size} px, fp32, batch {batch}", "ok": True,
                  "result": f"{n_images / bare_s:.0f} img/s (ready {device.type} batches)"})
     for backend, precision in (("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32")):
-        label = f"zoo.embed uint8 tensors, backend={backend} {precision}"
-        try:
-            def run() -> None:
-                zoo.embed(model, images, batch_size=batch, device=device, backend=backend, precision=precision,
-                          progress=False)
-
-            seconds = _timed(run, device, 2)
+        def measure(backend: str = backend, precision: str = precision) -> tuple[bool, str]:
+            seconds = _timed(lambda: zoo.embed(model, images, batch_size=batch, device=device, backend=backend,
+                                               precision=precision, progress=False), device, 2)
             ratio = f"; {bare_s / seconds:.2f}x the bare fp32 forward" if precision == "fp32" and backend == "torch" \
                 else ""
-            rows.append({"check": label, "ok": True, "result": f"{n_images / seconds:.0f} img/s{ratio}"})
-        except Exception as e:  # noqa: BLE001
-            rows.append({"check": label, "ok": False, "result": _one_line(e)})
+            return True, f"{n_images / seconds:.0f} img/s{ratio}"
+
+        rows.append(_row(f"zoo.embed uint8 tensors, backend={backend} {precision}", measure))
     return rows
 
 
@@ -143,16 +140,13 @@ def check_precisions(device: torch.device, sizes: tuple[int, int]) -> list[dict[
     from zoo.precision import check_precision, describe
 
     model = zoo.load("equimod-byol-resnet18_narrow.fmnist", device=str(device))
-    rows = []
-    for precision in ("bf16", "int8"):
-        label = f"precision check {precision} (equimod-byol narrow, {sizes[0]} bank / {sizes[1]} queries)"
-        try:
-            entry = check_precision(model, precision, force=True, sizes=sizes, verbose=False)
-            rows.append({"check": label, "ok": True,
-                         "result": ("accepted: " if entry["accepted"] else "refused: ") + describe(entry)})
-        except Exception as e:  # noqa: BLE001
-            rows.append({"check": label, "ok": False, "result": _one_line(e)})
-    return rows
+
+    def measure(precision: str) -> tuple[bool, str]:
+        entry = check_precision(model, precision, force=True, sizes=sizes, verbose=False)
+        return True, ("accepted: " if entry["accepted"] else "refused: ") + describe(entry)
+
+    return [_row(f"precision check {p} (equimod-byol narrow, {sizes[0]} bank / {sizes[1]} queries)",
+                 lambda p=p: measure(p)) for p in ("bf16", "int8")]
 
 
 def check_index(device: torch.device, n: int, dim: int) -> list[dict[str, Any]]:
@@ -161,8 +155,7 @@ def check_index(device: torch.device, n: int, dim: int) -> list[dict[str, Any]]:
 
     import zoo
 
-    label = f"Index(device='auto') flat cosine, {n} x {dim}, 1000 queries k=10"
-    try:
+    def measure() -> tuple[bool, str]:
         import faiss
 
         gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
@@ -171,9 +164,9 @@ def check_index(device: torch.device, n: int, dim: int) -> list[dict[str, Any]]:
         index.add(x, list(range(n)))
         seconds = _timed(lambda: index.search(x[:1000], k=10), device, 3)
         where = "GPU" if gpus and device.type == "cuda" else f"CPU (faiss GPUs: {gpus})"
-        return [{"check": label, "ok": True, "result": f"{1000 / seconds:.0f} queries/s on {where}"}]
-    except Exception as e:  # noqa: BLE001
-        return [{"check": label, "ok": False, "result": _one_line(e)}]
+        return True, f"{1000 / seconds:.0f} queries/s on {where}"
+
+    return [_row(f"Index(device='auto') flat cosine, {n} x {dim}, 1000 queries k=10", measure)]
 
 
 def main(argv: list[str] | None = None) -> int:
