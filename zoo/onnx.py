@@ -171,19 +171,28 @@ def check_onnx_parity(model: nn.Module, path: str | os.PathLike, inputs: torch.T
     if inputs.dim() != 4 or inputs.shape[1] != 3:
         raise ValueError(f"inputs must be preprocessed images [N, 3, S, S], got shape {tuple(inputs.shape)}")
     session = onnx_session(path, device="cpu")
+    return _max_diff(model, session, [OUTPUT_NAME], path, inputs, atol, batch_size,
+                     "re-export it from this model with zoo.onnx.export_onnx")
+
+
+def _max_diff(model: nn.Module, session: Any, names: list[str], path: str | os.PathLike, inputs: torch.Tensor,
+              atol: float, batch_size: int, reexport: str) -> float:
+    """Max |ONNX - PyTorch| over the outputs `names`, both in fp32 on the CPU (a CUDA model is copied there)."""
     on_cpu = all(p.device.type == "cpu" for p in model.parameters())
-    reference = (model if on_cpu else copy.deepcopy(model).cpu())
+    reference = model if on_cpu else copy.deepcopy(model).cpu()
     was_training = reference.training
     reference.eval()
     worst = 0.0
     try:
         for chunk in inputs.float().cpu().split(batch_size):
-            expected = reference(chunk).float().numpy()
-            got = session.run([OUTPUT_NAME], {INPUT_NAME: chunk.numpy()})[0]
-            if got.shape != expected.shape:
-                raise OnnxParityError(f"ONNX model {path} returns shape {got.shape}, PyTorch {expected.shape}; "
-                                      f"re-export it from this model with zoo.onnx.export_onnx")
-            worst = max(worst, float(abs(got - expected).max()) if got.size else 0.0)
+            out = reference(chunk)
+            expected = [t.float().numpy() for t in (out if isinstance(out, (list, tuple)) else [out])]
+            got = session.run(names, {INPUT_NAME: chunk.numpy()})
+            for name, g, e in zip(names, got, expected):
+                if g.shape != e.shape:
+                    raise OnnxParityError(f"ONNX model {path} returns {name} of shape {g.shape}, PyTorch "
+                                          f"{e.shape}; {reexport}")
+                worst = max(worst, float(abs(g - e).max()) if g.size else 0.0)
     finally:
         reference.train(was_training)
     if not worst <= atol:  # also catches NaN
@@ -240,23 +249,5 @@ def check_features_onnx_parity(model: nn.Module, path: str | os.PathLike, inputs
     if got_names != names:
         raise OnnxParityError(f"ONNX model {path} has outputs {got_names}, the model returns {names}; re-export it "
                               f"with zoo.onnx.export_features_onnx")
-    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
-    reference = model if on_cpu else copy.deepcopy(model).cpu()
-    was_training = reference.training
-    reference.eval()
-    worst = 0.0
-    try:
-        for chunk in inputs.float().cpu().split(batch_size):
-            expected = [t.float().numpy() for t in reference(chunk)]
-            got = session.run(names, {INPUT_NAME: chunk.numpy()})
-            for name, g, e in zip(names, got, expected):
-                if g.shape != e.shape:
-                    raise OnnxParityError(f"ONNX model {path} returns {name} of shape {g.shape}, PyTorch {e.shape}; "
-                                          f"re-export it with zoo.onnx.export_features_onnx")
-                worst = max(worst, float(abs(g - e).max()) if g.size else 0.0)
-    finally:
-        reference.train(was_training)
-    if not worst <= atol:
-        raise OnnxParityError(f"ONNX model {path} differs from PyTorch by max |diff| {worst:.3g} > atol {atol:g} "
-                              f"on {inputs.shape[0]} inputs; re-export it from these weights (opset >= {MIN_OPSET})")
-    return worst
+    return _max_diff(model, session, names, path, inputs, atol, batch_size,
+                     "re-export it with zoo.onnx.export_features_onnx")
