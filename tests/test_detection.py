@@ -20,12 +20,7 @@ from training.detection import load_detection_recipe, run_detection
 from training.detection_eval import detection_ap
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (see conftest.py)
 
 
 def _images_and_boxes(n=2, seed=0):

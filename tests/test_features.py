@@ -13,12 +13,7 @@ import zoo
 from zoo.features import FeatureBackbone, features_only, gem, stage_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # two shared cores: tiny models run fastest on one
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (see conftest.py)
 
 
 def _pair(name: str, **kw):

@@ -14,12 +14,7 @@ from zoo.transfer import (LabelledSplit, TransferError, balanced_subset, finetun
                           linear_transfer, merge_results, parse_labels)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (see conftest.py)
 
 
 def _imbalanced_labels() -> np.ndarray:
